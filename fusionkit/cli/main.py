@@ -1,0 +1,187 @@
+"""The ``fusionkit`` command line (click).
+
+User mistakes (a bad key, an unknown component, a missing file) print one line and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fusionkit.errors import FusionkitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _load_plugins(plugins: tuple[str, ...]) -> None:
+    from fusionkit.registry import load_plugin
+
+    for spec in plugins:
+        for item in spec.split(","):
+            if item.strip():
+                load_plugin(item.strip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--plugins", "plugins", multiple=True, metavar="MODULE|FILE.py",
+              help="Load a plugin module or .py file before running (repeatable, or comma-separated).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="fusionkit")
+@click.pass_context
+def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
+    """fusionkit: fuse any number of modalities with weights chosen per sample."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    _load_plugins(plugins)
+
+
+# -- train ---------------------------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML run config.")
+@click.option("--modalities", help="Comma-separated modalities, e.g. image,text.")
+@click.option("--fusion", help="Fusion policy name (dms, mean, concat, ...).")
+@click.option("--epochs", type=int, help="Training epochs.")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<dataset>-<modalities>-<fusion>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.argument("overrides", nargs=-1)
+def train(config_path, modalities, fusion, epochs, seed, out, overwrite, no_progress, overrides):
+    """Train a model; OVERRIDES are key.path=value pairs (e.g. train.lr=3e-4)."""
+    from fusionkit.config import apply_override, load_raw, resolve
+    from fusionkit.training.trainer import load_data, next_free_dir, prepare_run_dir, train as run_train
+
+    raw = load_raw(config_path)
+    if fusion:
+        current = (raw.get("model") or {}).get("fusion")
+        current_name = current.get("name") if isinstance(current, dict) else current
+        if current_name != fusion:  # a new policy must not inherit the old one's parameters
+            raw.setdefault("model", {})["fusion"] = {"name": fusion}
+    extra = [f"modalities=[{modalities}]"] if modalities else []
+    extra += [f"train.epochs={epochs}"] if epochs is not None else []
+    extra += [f"seed={seed}"] if seed is not None else []
+    for item in [*extra, *overrides]:
+        apply_override(raw, item)
+    cfg = resolve(raw)
+    bundle = load_data(cfg)  # before the run folder exists: bad data leaves nothing behind
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("FUSIONKIT_RUN_DIR"):
+        # a DDP worker re-launched by Fabric: rank 0 already chose and created the folder
+        run_dir = Path(os.environ["FUSIONKIT_RUN_DIR"])
+    elif out:
+        run_dir = prepare_run_dir(Path(out), overwrite)
+    else:
+        name = f"{cfg.data['name']}-{'+'.join(cfg.modalities)}-{cfg.model.fusion['name']}-seed{cfg.seed}"
+        run_dir = prepare_run_dir(next_free_dir(Path("runs") / name), overwrite=False)
+    os.environ["FUSIONKIT_RUN_DIR"] = str(run_dir.resolve())
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        err_console.print(f"[bold]run folder[/] {run_dir}")
+    result = run_train(cfg, run_dir, console=err_console, show_progress=not no_progress, bundle=bundle)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        _print_result_table(result.test, f"test results (best epoch {result.best_epoch}) - {run_dir}")
+
+
+def _print_result_table(metrics: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_column("mean weight", justify="right")
+    table.add_row("[bold]fused[/]", f"{metrics['accuracy']:.4f}", "")
+    for m, acc in metrics["unimodal_accuracy"].items():
+        table.add_row(f"{m} head", "-" if acc is None else f"{acc:.4f}", f"{metrics['mean_weights'][m]:.3f}")
+    console.print(table)
+    console.print(f"n={metrics['n']}  nll={metrics['nll']:.4f}  ece={metrics['ece']:.4f}")
+
+
+# -- eval ----------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--checkpoint", default="best", show_default=True, help="best or last.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def eval_cmd(run_dir, split, checkpoint, as_json):
+    """Evaluate a trained run folder on a split."""
+    from fusionkit.evaluation import collect, summarize
+    from fusionkit.training.trainer import load_run, make_loader
+
+    cfg, bundle, model = load_run(Path(run_dir), checkpoint)
+    loader = make_loader(model, bundle.splits[split], cfg, shuffle=False)
+    metrics = summarize(collect(model, loader), model.modalities)
+    metrics = {"split": split, **metrics}
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        _print_result_table(metrics, f"{split} results - {run_dir}")
+
+
+# -- list ----------------------------------------------------------------------------------
+@cli.command("list")
+@click.argument("kind", required=False)
+def list_cmd(kind):
+    """List registered components (all kinds, or one KIND)."""
+    from fusionkit.registry import REGISTRIES, load_entry_point_plugins, registry
+
+    load_entry_point_plugins()
+    kinds = [registry(kind).kind] if kind else sorted(REGISTRIES)
+    for k in kinds:
+        table = Table(title=k, title_justify="left", show_header=True)
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        table.add_column("from")
+        for entry in registry(k).entries():
+            table.add_row(entry.name, entry.description, entry.source)
+        console.print(table)
+
+
+# -- config --------------------------------------------------------------------------------
+@cli.group()
+def config():
+    """Inspect configs."""
+
+
+@config.command("show")
+@click.argument("target", type=click.Path())
+@click.argument("overrides", nargs=-1)
+def config_show(target, overrides):
+    """Print the resolved config of a run folder or YAML file (with OVERRIDES applied)."""
+    from fusionkit.config import load_raw, resolve, to_yaml
+
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise FusionkitError(f"'{path}' is not a run folder (no config.yaml)")
+        path = path / "config.yaml"
+    click.echo(to_yaml(resolve(load_raw(path, list(overrides)))), nl=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one-line errors with exit code 2 for user mistakes."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="fusionkit", standalone_mode=False)
+    except FusionkitError as err:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Run configuration: YAML + ``key.path=value`` overrides, validated by pydantic.
+
+A run config names its components by registry blocks (``{name: ..., **params}``); after the
+structural validation here, :func:`resolve` validates every block against the component's own
+``Config`` and fills in all defaults, so ``fusionkit config show`` prints exactly what runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fusionkit.errors import ConfigError, unknown_choice
+from fusionkit.registry import registry, validation_message
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    dim: int = Field(128, ge=1, description="shared width d every modality is projected into")
+    encoders: dict[str, Any] = Field(default_factory=dict, description=(
+        "encoder block per modality; modalities left out use the dataset's default for their kind"))
+    fusion: Any = Field(default_factory=lambda: {"name": "dms"}, description="fusion policy block")
+    decoder: Any = Field(default_factory=lambda: {"name": "classifier"}, description="task head block")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    batch_size: int = Field(64, ge=1, description="samples per step (per process under DDP)")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup length, then cosine decay to 0")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers; 0 keeps tiny runs fastest")
+    monitor: Literal["accuracy", "loss"] = Field("accuracy", description="val metric that picks the best checkpoint")
+
+
+class RuntimeConfig(_Strict):
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = Field(
+        "auto", description="auto = a GPU when there is one")
+    devices: int | str = Field(1, description="devices per node ('auto' or a count)")
+    num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP")
+    strategy: str = Field("auto", description="Fabric strategy: auto, ddp, fsdp, ...")
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "32-true", description="bf16-mixed on recent GPUs; 32-true reproduces CPU results exactly")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
+
+
+class RunConfig(_Strict):
+    seed: int = Field(0, description="seeds model init, shuffling and dropout")
+    data: Any = Field(default_factory=lambda: {"name": "digits"}, description="dataset block")
+    modalities: list[str] | None = Field(None, description="modalities to use; None = the dataset's default")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    plugins: list[str] = Field(default_factory=list, description="plugin modules or .py files to load first")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping; a missing file or bad YAML is a one-line :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` in place; the value is parsed as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{item}' has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        if isinstance(node.get(part), str):  # "fusion: dms" shorthand -> mapping
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_raw(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw mapping: the default config, then ``path``, then overrides."""
+    data = read_yaml(path) if path else {}
+    data = copy.deepcopy(data)
+    for item in overrides:
+        apply_override(data, item)
+    return data
+
+
+def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
+    """Validate a raw mapping and every component block in it; fill in all defaults."""
+    try:
+        cfg = data if isinstance(data, RunConfig) else RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(validation_message(err, "")) from None
+    from fusionkit.registry import load_plugin
+
+    # a partial block (e.g. from the override model.fusion.mwcl_weight=0.5) keeps the default name
+    named = lambda block, default: {"name": default, **block} if isinstance(block, dict) and "name" not in block else block  # noqa: E731
+    cfg = cfg.model_copy(update={
+        "data": named(cfg.data, "digits"),
+        "model": cfg.model.model_copy(update={"fusion": named(cfg.model.fusion, "dms"),
+                                              "decoder": named(cfg.model.decoder, "classifier")})})
+    for plugin in cfg.plugins:
+        load_plugin(plugin)
+    datasets = registry("datasets")
+    cls, data_cfg = datasets.validate(cfg.data, "data")
+    dataset = cls.from_config(data_cfg)
+    specs = dataset.modality_specs()
+    modalities = cfg.modalities or list(dataset.default_modalities)
+    if not modalities:
+        raise ConfigError("no modalities chosen; pass --modalities or set 'modalities' in the config")
+    for m in modalities:
+        if m not in specs:
+            raise ConfigError("modalities: " + unknown_choice(f"a modality of dataset '{cls.registry_name}'", m, specs))
+    if len(set(modalities)) != len(modalities):
+        raise ConfigError(f"modalities: duplicate names in {modalities}")
+    for m in cfg.model.encoders:
+        if m not in modalities:
+            raise ConfigError(f"model.encoders.{m}: '{m}' is not among the chosen modalities {sorted(modalities)}")
+    dataset_defaults = dataset.default_encoders()
+    encoders = {}
+    enc_registry = registry("encoders")
+    for m in sorted(modalities):
+        base = dataset_defaults.get(m) or DEFAULT_ENCODERS.get(specs[m].kind)
+        block = cfg.model.encoders.get(m)
+        if isinstance(block, str):
+            block = {"name": block}
+        if block is None:
+            block = base
+        elif base is not None and block.get("name", base["name"]) == base["name"]:
+            block = {**base, **block}  # a partial block tweaks the default encoder
+        if block is None:
+            raise ConfigError(f"model.encoders.{m}: no default encoder for kind '{specs[m].kind}'; name one")
+        resolved = enc_registry.resolve(block, f"model.encoders.{m}")
+        enc_cls = enc_registry.get(resolved["name"])
+        if enc_cls.kinds and specs[m].kind not in enc_cls.kinds:
+            raise ConfigError(f"model.encoders.{m}: encoder '{resolved['name']}' takes {list(enc_cls.kinds)}, "
+                              f"but '{m}' is {specs[m].kind}")
+        encoders[m] = resolved
+    model = cfg.model.model_copy(update={
+        "encoders": encoders,
+        "fusion": registry("fusions").resolve(cfg.model.fusion, "model.fusion"),
+        "decoder": registry("decoders").resolve(cfg.model.decoder, "model.decoder"),
+    })
+    return cfg.model_copy(update={"data": datasets.resolve(cfg.data, "data"),
+                                  "modalities": sorted(modalities), "model": model})
+
+
+# Encoder per modality kind when neither the config nor the dataset names one.
+DEFAULT_ENCODERS: dict[str, dict[str, Any]] = {
+    "image": {"name": "timm"},
+    "text": {"name": "hf_text"},
+    "vector": {"name": "mlp"},
+}
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run folder stores as ``config.yaml``)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

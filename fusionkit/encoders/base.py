@@ -1,0 +1,88 @@
+"""Encoders: raw inputs of one modality -> pooled features ``(B, d_m)``.
+
+An encoder owns its preprocessing (``preprocess`` for one sample, run in DataLoader workers;
+``collate`` for a list of preprocessed samples), so the model and its transforms always match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What a dataset tells encoders about one of its modalities.
+
+    Attributes:
+        kind: ``image``, ``text``, ``audio``, ``video`` or ``vector`` (plugins may add kinds).
+        dim: feature length of a vector modality.
+        channels: channels of an image modality.
+        description: one line for ``fusionkit list``/docs.
+    """
+
+    kind: str
+    dim: int | None = None
+    channels: int | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EncoderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trainable: bool | int = Field(True, description=(
+        "true: fine-tune everything; false: frozen; N: train only the last N top-level blocks"))
+
+
+class Encoder(nn.Module):
+    """Base class; subclasses set ``out_dim`` and implement preprocess/collate/forward."""
+
+    Config = EncoderConfig
+    kinds: tuple[str, ...] = ()  # modality kinds this encoder accepts
+    out_dim: int
+
+    def __init__(self, config: BaseModel | None = None, *, spec: ModalitySpec):
+        super().__init__()
+        self.config = config or self.Config()
+        self.spec = spec
+
+    @classmethod
+    def from_config(cls, config: BaseModel, *, spec: ModalitySpec):
+        return cls(config, spec=spec)
+
+    def preprocess(self, raw: Any) -> Any:
+        """One raw sample -> what :meth:`collate` takes (runs in DataLoader workers)."""
+        return raw
+
+    def collate(self, items: list[Any]) -> Any:
+        """Preprocessed samples -> one batch input for :meth:`forward`."""
+        return torch.stack(items)
+
+    def forward(self, x: Any) -> Tensor:
+        raise NotImplementedError
+
+    # -- freezing -----------------------------------------------------------------------
+    def trainable_blocks(self) -> list[nn.Module]:
+        """Blocks in input-to-output order, for ``trainable: N`` (default: direct children)."""
+        return list(self.children())
+
+    def apply_trainable(self) -> None:
+        """Set ``requires_grad`` from ``config.trainable``."""
+        mode = self.config.trainable
+        if mode is True:
+            return
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if mode is not False and mode > 0:
+            for block in self.trainable_blocks()[-int(mode):]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())

@@ -1,0 +1,106 @@
+"""Image encoder: any timm model, pooled features (``num_classes=0``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from fusionkit.encoders.base import Encoder, EncoderConfig
+from fusionkit.errors import ConfigError, DataError
+from fusionkit.registry import register
+
+
+class TimmConfig(EncoderConfig):
+    model_name: str = Field("resnet18", description="any name from timm.list_models()")
+    pretrained: bool | str = Field(False, description=(
+        "false: random init; true or a hub tag ('timm/resnet18.a1_in1k'): download for users "
+        "with a network; a path: local .pth/.safetensors weights"))
+    in_chans: int | None = Field(None, ge=1, description="input channels; None = from the dataset (else 3)")
+    image_size: int = Field(224, ge=8, description="square resize target; small for small images")
+    mean: list[float] | None = Field(None, description="normalisation mean; None = the model's pretrained_cfg")
+    std: list[float] | None = Field(None, description="normalisation std; None = the model's pretrained_cfg")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the (removed) classifier")
+
+
+def _to_chw(raw: Any) -> Tensor:
+    """PIL image or array (H, W) / (H, W, C) / tensor (C, H, W) -> float (C, H, W) in [0, 1]."""
+    if isinstance(raw, Tensor):
+        x = raw.float()
+        return x if x.dim() == 3 else x.unsqueeze(0)
+    arr = np.asarray(raw)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise DataError(f"image has shape {arr.shape}; expected (H, W) or (H, W, C)")
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()  # (C, H, W)
+    return x / 255.0 if arr.dtype == np.uint8 else x
+
+
+@register("encoders", "timm")
+class TimmImageEncoder(Encoder):
+    """Images -> any timm backbone (random, local or hub weights) -> pooled (B, num_features)."""
+
+    Config = TimmConfig
+    kinds = ("image",)
+
+    def __init__(self, config=None, *, spec):
+        super().__init__(config, spec=spec)
+        import timm
+
+        cfg = self.config
+        self.in_chans = cfg.in_chans or spec.channels or 3
+        kwargs: dict[str, Any] = dict(num_classes=0, in_chans=self.in_chans, drop_rate=cfg.drop_rate)
+        pretrained = cfg.pretrained
+        if isinstance(pretrained, str) and (Path(pretrained).suffix in (".pth", ".pt", ".bin", ".safetensors")
+                                            or Path(pretrained).exists()):
+            if not Path(pretrained).is_file():
+                raise ConfigError(f"encoder timm: weights file '{pretrained}' does not exist")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained).resolve())}
+            pretrained = True
+        name = cfg.model_name
+        if isinstance(pretrained, str):  # a hub tag such as 'timm/resnet18.a1_in1k'
+            name, pretrained = pretrained.removeprefix("timm/").removeprefix("hf-hub:"), True
+        if not timm.is_model(name.split(".")[0]):
+            from fusionkit.errors import unknown_choice
+            raise ConfigError("encoder timm: " + unknown_choice(
+                "a timm model", name, timm.list_models(name[:3] + "*") or ["see timm.list_models()"]))
+        self.backbone = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+        data_cfg = self.backbone.pretrained_cfg or {}
+        mean = cfg.mean or list(data_cfg.get("mean", (0.5,)))
+        std = cfg.std or list(data_cfg.get("std", (0.5,)))
+        # a single-channel model keeps one statistic; a gray image fed to RGB gets it repeated
+        mean, std = (mean[:1], std[:1]) if self.in_chans == 1 else (mean, std)
+        # plain tensors, not buffers: preprocessing runs on the CPU in DataLoader workers even
+        # when the model itself has been moved to a GPU
+        self.norm_mean = torch.tensor(mean).view(-1, 1, 1)
+        self.norm_std = torch.tensor(std).view(-1, 1, 1)
+        self.out_dim = self.backbone.num_features
+        self.apply_trainable()
+
+    def preprocess(self, raw: Any) -> Tensor:
+        """Image -> normalised ``(C, S, S)`` float tensor with the model's channels."""
+        x = _to_chw(raw)  # (C, H, W)
+        if x.shape[0] != self.in_chans:
+            if self.in_chans == 1:
+                x = x.mean(0, keepdim=True)
+            elif x.shape[0] == 1:
+                x = x.expand(self.in_chans, -1, -1)
+            else:
+                raise DataError(f"image has {x.shape[0]} channels, model expects {self.in_chans}")
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear",
+                              align_corners=False, antialias=True).squeeze(0)
+        return (x - self.norm_mean) / self.norm_std
+
+    def trainable_blocks(self):
+        return list(self.backbone.children())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)  # (B, C, S, S) -> (B, num_features)

@@ -1,0 +1,63 @@
+"""Evaluation of a model on a loader: fused and unimodal accuracy, mean weights, calibration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: sum_b |acc_b - conf_b| * n_b / n."""
+    conf, pred = probs.max(1)
+    correct = (pred == target).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.float().mean() * (correct[sel].mean() - conf[sel].mean()).abs()
+    return float(ece)
+
+
+@torch.no_grad()
+def collect(model, loader, fabric=None) -> dict[str, Tensor]:
+    """Run ``model`` over ``loader`` in eval mode; gather logits, weights, masks and targets."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unimodal", "weights", "mask", "target", "index")}
+    for batch in loader:
+        out = model(batch)
+        parts["probs"].append(out.logits.float().softmax(-1))
+        parts["unimodal"].append(out.fusion.unimodal_logits.float().argmax(-1))
+        parts["weights"].append(out.fusion.weights.float())
+        parts["mask"].append(out.fusion.mask)
+        parts["target"].append(batch["target"])
+        parts["index"].append(batch["index"])
+    model.train(was_training)
+    result = {k: torch.cat(v).cpu() for k, v in parts.items()}
+    if fabric is not None and fabric.world_size > 1:
+        result = {k: fabric.all_gather(v).flatten(0, 1).cpu() for k, v in result.items()}
+    return result
+
+
+def summarize(c: dict[str, Tensor], modalities: list[str]) -> dict[str, Any]:
+    """The stable evaluation record (``fusionkit eval --json``): accuracy, unimodal_accuracy,
+    mean_weights, n, plus nll and ece."""
+    target, mask = c["target"], c["mask"]
+    pred = c["probs"].argmax(1)
+    uni_acc, mean_w = {}, {}
+    for j, m in enumerate(modalities):
+        have = mask[:, j]
+        uni_acc[m] = float((c["unimodal"][have, j] == target[have]).float().mean()) if have.any() else None
+        mean_w[m] = float(c["weights"][:, j].mean())
+    nll = float(-c["probs"].clamp_min(1e-12).log().gather(1, target[:, None]).mean())
+    return {
+        "accuracy": float((pred == target).float().mean()),
+        "unimodal_accuracy": uni_acc,
+        "mean_weights": mean_w,
+        "n": int(len(target)),
+        "nll": nll,
+        "ece": expected_calibration_error(c["probs"], target),
+    }

@@ -1,0 +1,207 @@
+"""What every fusion policy shares: unimodal heads, masks, the output record and the losses.
+
+A fusion takes ``z: dict[str, Tensor]`` (each ``(B, d)``, already projected into the shared
+width) and an optional presence mask ``(B, M)``, stacks the modalities in sorted-name order,
+and returns a :class:`FusionOutput`. Every policy owns one small classification head per
+modality, so unimodal accuracy and the auxiliary loss exist for DMS and baselines alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from fusionkit.errors import ConfigError, DataError
+
+
+class FusionConfig(BaseModel):
+    """Fields every fusion policy has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aux_weight: float = Field(1.0, ge=0, description=(
+        "mu: weight of the unimodal auxiliary losses; without them the heads that DMS scores "
+        "with are untrained and their confidence means nothing"))
+    head_hidden: int = Field(64, ge=1, description=(
+        "width of each unimodal head's hidden layer; MC-dropout acts on this layer, so the T "
+        "passes share the first matmul and stay cheap"))
+    head_dropout: float = Field(0.2, ge=0, lt=1, description=(
+        "dropout on the heads' hidden layer (also the MC-dropout rate)"))
+
+
+@dataclass
+class FusionOutput:
+    """What a fusion returns.
+
+    Attributes:
+        fused: fused representation ``(B, d)``.
+        weights: per-sample modality weights ``(B, M)`` in sorted-name order; rows sum to 1
+            and are exactly 0 where a modality is missing. Policies without learned weights
+            report the uniform weights over present modalities.
+        unimodal_logits: each head's logits ``(B, M, K)``.
+        mask: presence mask ``(B, M)`` used.
+        z: stacked unimodal representations ``(B, M, d)``, missing rows zeroed.
+        modalities: names in the stacking order.
+        scores: quality signals by name, each ``(B, M)`` (empty for static policies).
+        logits: class logits ``(B, K)`` when the policy decides at the decision level (late
+            fusion, TMC); the model then skips its decoder.
+        extra_losses: policy-specific loss terms, already weighted (e.g. ``mwcl``).
+    """
+
+    fused: Tensor
+    weights: Tensor
+    unimodal_logits: Tensor
+    mask: Tensor
+    z: Tensor
+    modalities: list[str]
+    scores: dict[str, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+    extra_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class UnimodalHeads(nn.Module):
+    """M independent heads ``g_m: d -> hidden -> K`` evaluated in one batched einsum.
+
+    Weights are stacked as ``(M, d, hidden)`` so all modalities run in a single call, and
+    :meth:`sample` runs T stochastic passes at once for MC-dropout.
+    """
+
+    def __init__(self, num_modalities: int, dim: int, hidden: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+        self.w1 = nn.Parameter(torch.empty(num_modalities, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_modalities, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_modalities, hidden, num_classes))
+        self.b2 = nn.Parameter(torch.zeros(num_modalities, num_classes))
+        for w in (self.w1, self.w2):  # same init as nn.Linear, per modality
+            for m in range(num_modalities):
+                nn.init.kaiming_uniform_(w.data[m].T, a=math.sqrt(5))
+
+    def hidden(self, z: Tensor) -> Tensor:
+        """``z (B, M, d) -> (B, M, hidden)``: the deterministic part of every head."""
+        return F.gelu(torch.einsum("bmd,mdh->bmh", z, self.w1) + self.b1)
+
+    def output(self, a: Tensor) -> Tensor:
+        """``a (..., B, M, hidden) -> (..., B, M, K)``."""
+        return torch.einsum("...bmh,mhk->...bmk", a, self.w2) + self.b2
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Logits ``(B, M, K)``; dropout follows the module's train/eval mode."""
+        a = F.dropout(self.hidden(z), self.dropout, self.training)
+        return self.output(a)
+
+    def sample(self, z: Tensor, passes: int, dropout: float | None = None) -> Tensor:
+        """T stochastic passes with dropout always on: probabilities ``(T, B, M, K)``."""
+        p = self.dropout if dropout is None else dropout
+        a = self.hidden(z)  # (B, M, h), shared by all passes
+        a = a.unsqueeze(0).expand(passes, *a.shape)  # (T, B, M, h)
+        return self.output(F.dropout(a, p, training=True)).softmax(-1)  # (T, B, M, K)
+
+
+def stack_modalities(z: dict[str, Tensor], modalities: list[str], mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Stack ``z`` in ``modalities`` order into ``(B, M, d)`` and build/check the mask.
+
+    Missing entries are zeroed (``torch.where``, so a NaN in a missing row cannot leak) and a
+    sample with no modality at all is an error.
+    """
+    names = sorted(z)
+    if names != modalities:
+        raise DataError(f"fusion expects modalities {modalities}, got {names}")
+    stacked = torch.stack([z[m] for m in modalities], dim=1)  # (B, M, d)
+    B, M, _ = stacked.shape
+    if mask is None:
+        mask = torch.ones(B, M, dtype=torch.bool, device=stacked.device)
+    else:
+        mask = mask.to(device=stacked.device, dtype=torch.bool)
+        if mask.shape != (B, M):
+            raise DataError(f"mask must have shape (B, M) = {(B, M)}, got {tuple(mask.shape)}")
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()[:10]
+        raise DataError(f"sample(s) {rows} of the batch have no modality present; drop them before fusion")
+    stacked = torch.where(mask.unsqueeze(-1), stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
+    return stacked, mask
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over dim 1 restricted to ``mask``; masked entries are exactly 0, never NaN."""
+    logits = logits.masked_fill(~mask, float("-inf"))  # (B, M)
+    w = torch.softmax(logits, dim=1)
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Equal weight on every present modality: ``(B, M)``."""
+    m = mask.to(dtype)
+    return m / m.sum(dim=1, keepdim=True)
+
+
+def masked_unimodal_loss(unimodal_logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """sum_m of the mean cross-entropy of head m over the samples that have modality m."""
+    B, M, K = unimodal_logits.shape
+    ce = F.cross_entropy(unimodal_logits.reshape(B * M, K).float(),
+                         target.repeat_interleave(M), reduction="none").view(B, M)  # (B, M)
+    ce = torch.where(mask, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
+    per_modality = ce.sum(0) / mask.sum(0).clamp(min=1)  # (M,)
+    return per_modality.sum()
+
+
+class Fusion(nn.Module):
+    """Base class of fusion policies; subclasses implement :meth:`combine`.
+
+    Args:
+        modalities: modality names (any order; stored sorted).
+        dim: width d of every ``z_m`` and of the fused vector.
+        num_classes: K, for the unimodal heads.
+        config: the policy's Config; keyword arguments override its fields.
+    """
+
+    Config = FusionConfig
+
+    def __init__(self, modalities: list[str], dim: int, num_classes: int,
+                 config: BaseModel | None = None, **overrides):
+        super().__init__()
+        if not modalities:
+            raise ConfigError("a fusion needs at least one modality")
+        if len(set(modalities)) != len(modalities):
+            raise ConfigError(f"duplicate modality names in {list(modalities)}")
+        if num_classes < 2:
+            raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+        if config is None:
+            config = self.Config(**overrides)
+        elif overrides:
+            config = config.model_copy(update=overrides)
+        self.config = config
+        self.modalities = sorted(modalities)
+        self.dim = dim
+        self.num_classes = num_classes
+        self.heads = UnimodalHeads(len(self.modalities), dim, config.head_hidden, num_classes,
+                                   config.head_dropout)
+
+    @classmethod
+    def from_config(cls, config: BaseModel, *, modalities: list[str], dim: int, num_classes: int):
+        return cls(modalities, dim, num_classes, config=config)
+
+    def forward(self, z: dict[str, Tensor], mask: Tensor | None = None) -> FusionOutput:
+        """Fuse ``z`` (each ``(B, d)``) under ``mask`` ``(B, M)`` (None = all present)."""
+        stacked, mask = stack_modalities(z, self.modalities, mask)  # (B, M, d), (B, M)
+        unimodal_logits = self.heads(stacked)  # (B, M, K)
+        return self.combine(stacked, mask, unimodal_logits)
+
+    def combine(self, z: Tensor, mask: Tensor, unimodal_logits: Tensor) -> FusionOutput:
+        raise NotImplementedError
+
+    def loss(self, out: FusionOutput, target: Tensor) -> Tensor:
+        """Everything the fusion adds to the task loss: ``mu * aux + policy terms``."""
+        return sum(self.loss_terms(out, target).values())
+
+    def loss_terms(self, out: FusionOutput, target: Tensor) -> dict[str, Tensor]:
+        """The same terms as :meth:`loss`, by name, for logging."""
+        terms = {"aux": self.config.aux_weight * masked_unimodal_loss(out.unimodal_logits, target, out.mask)}
+        terms.update(out.extra_losses)
+        return terms

@@ -1,0 +1,213 @@
+"""The one training loop: plain PyTorch, with device, precision and DDP left to Lightning Fabric."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader
+
+from fusionkit.config import RunConfig, to_yaml
+from fusionkit.data.loader import Collate, EncodedDataset
+from fusionkit.datasets.base import DatasetBundle
+from fusionkit.errors import ConfigError, RunDirError
+from fusionkit.evaluation import collect, summarize
+from fusionkit.model import MultimodalModel, build_model
+from fusionkit.registry import build
+from fusionkit.training.checkpoint import atomic_write_text, load_weights, save_checkpoint
+
+
+def make_fabric(cfg: RunConfig):
+    """Lightning Fabric from the runtime block (CPU, one GPU, DDP/FSDP, bf16 ...)."""
+    from lightning_fabric import Fabric
+
+    rt = cfg.runtime
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    accelerator = "cuda" if rt.accelerator == "gpu" else rt.accelerator
+    try:
+        fabric = Fabric(accelerator=accelerator, devices=rt.devices, num_nodes=rt.num_nodes,
+                        strategy=rt.strategy, precision=rt.precision)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise ConfigError(f"runtime: {str(err).splitlines()[0]}") from None
+    return fabric
+
+
+def load_data(cfg: RunConfig) -> DatasetBundle:
+    """Load the configured dataset restricted to the configured modalities."""
+    dataset = build("datasets", cfg.data, "data")
+    bundle = dataset.load()
+    bundle.splits = {name: split.select(cfg.modalities) for name, split in bundle.splits.items()}
+    bundle.modalities = {m: bundle.modalities[m] for m in cfg.modalities}
+    return bundle
+
+
+def make_model(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
+    return build_model(cfg.model, bundle.modalities, cfg.modalities, len(bundle.classes))
+
+
+def make_loader(model: MultimodalModel, split, cfg: RunConfig, shuffle: bool, seed: int = 0) -> DataLoader:
+    encoders = dict(model.encoders.items())
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(EncodedDataset(split, encoders), batch_size=cfg.train.batch_size, shuffle=shuffle,
+                      num_workers=cfg.train.num_workers, collate_fn=Collate(encoders), generator=generator,
+                      persistent_workers=cfg.train.num_workers > 0)
+
+
+def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
+    """Linear warmup for ``warmup_epochs``, then cosine to 0 (or constant)."""
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> Path:
+    """Create ``out``; refuse an existing non-empty folder unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run folder '{out}' already exists; pass --overwrite to replace it "
+                              f"or --out to choose another")
+        for name in ("metrics.jsonl", "results.json", "config.yaml"):
+            (out / name).unlink(missing_ok=True)
+        for f in (out / "checkpoints").glob("*") if (out / "checkpoints").exists() else []:
+            f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def next_free_dir(base: Path) -> Path:
+    """``base`` if free, else ``base-2``, ``base-3`` ... (default run folders never collide)."""
+    if not base.exists():
+        return base
+    i = 2
+    while base.with_name(f"{base.name}-{i}").exists():
+        i += 1
+    return base.with_name(f"{base.name}-{i}")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    val: dict[str, Any]
+    test: dict[str, Any]
+
+
+def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_progress: bool = True,
+          bundle: DatasetBundle | None = None) -> TrainResult:
+    """Train ``cfg`` into ``run_dir`` (already prepared) and evaluate the best checkpoint on test.
+
+    ``bundle`` is the loaded data if the caller already has it (the CLI loads it before it
+    creates the run folder, so a data error leaves nothing behind).
+    """
+    console = console or Console(stderr=True)
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    fabric.seed_everything(cfg.seed, verbose=False)
+    rank0 = fabric.global_rank == 0
+    run_dir = Path(run_dir)
+    if rank0:
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    bundle = bundle or load_data(cfg)
+    model = make_model(cfg, bundle)
+    train_loader = make_loader(model, bundle.splits["train"], cfg, shuffle=True, seed=cfg.seed)
+    val_loader = make_loader(model, bundle.splits["val"], cfg, shuffle=False)
+    test_loader = make_loader(model, bundle.splits["test"], cfg, shuffle=False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
+    fmodel, optimizer = fabric.setup(model, optimizer)
+    train_loader, val_loader, test_loader = fabric.setup_dataloaders(train_loader, val_loader, test_loader)
+
+    best: tuple[float, float] | None = None
+    best_epoch, best_val = 0, {}
+    ckpt_dir = run_dir / "checkpoints"
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                        disable=not (show_progress and rank0))
+    with progress:
+        epochs_task = progress.add_task("epochs", total=cfg.train.epochs, info="")
+        for epoch in range(1, cfg.train.epochs + 1):
+            fmodel.train()
+            sums: dict[str, float] = {}
+            steps = 0
+            t0 = time.perf_counter()
+            batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
+            for batch in train_loader:
+                out = fmodel(batch)
+                terms = model.loss_terms(out, batch["target"])
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                if cfg.train.grad_clip:
+                    fabric.clip_gradients(fmodel, optimizer, max_norm=cfg.train.grad_clip, error_if_nonfinite=False)
+                optimizer.step()
+                scheduler.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                steps += 1
+                progress.update(batch_task, advance=1, info=f"loss {sums['loss'] / steps:.3f}")
+            progress.remove_task(batch_task)
+            val = summarize(collect(fmodel, val_loader, fabric), model.modalities)
+            record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+                      "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0}
+            key = (val["accuracy"], -val["nll"]) if cfg.train.monitor == "accuracy" else (-val["nll"], val["accuracy"])
+            improved = best is None or key > best
+            if rank0:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes}
+                if improved:
+                    save_checkpoint(ckpt_dir, "best", model, meta)
+                save_checkpoint(ckpt_dir, "last", model, meta, optimizer=optimizer)
+            if improved:
+                best, best_epoch, best_val = key, epoch, val
+            fabric.barrier()
+            progress.update(epochs_task, advance=1, info=f"val acc {val['accuracy']:.3f} (best {best_val['accuracy']:.3f})")
+
+    load_weights(model, ckpt_dir / "best.safetensors")
+    test = summarize(collect(fmodel, test_loader, fabric), model.modalities)
+    result = TrainResult(run_dir, best_epoch, best_val, test)
+    if rank0:
+        atomic_write_text(run_dir / "results.json", json.dumps(
+            {"best_epoch": best_epoch, "val": best_val, "test": test}, indent=2))
+    return result
+
+
+def load_run(run_dir: Path, checkpoint: str = "best"):
+    """Rebuild the model of a run folder and load its checkpoint: ``(cfg, bundle, model)``."""
+    from fusionkit.config import read_yaml, resolve
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"'{run_dir}' is not a run folder (no config.yaml)")
+    weights = run_dir / "checkpoints" / f"{checkpoint}.safetensors"
+    if not weights.is_file():
+        raise RunDirError(f"run folder '{run_dir}' has no checkpoint '{checkpoint}' "
+                          f"(expected {weights}); did training finish an epoch?")
+    cfg = resolve(read_yaml(run_dir / "config.yaml"))
+    bundle = load_data(cfg)
+    model = make_model(cfg, bundle)
+    load_weights(model, weights)
+    model.eval()
+    return cfg, bundle, model
