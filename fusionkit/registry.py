@@ -204,6 +204,10 @@ class Registry:
             if kind is None:
                 continue
             value = getattr(config, field)
+            default = info.get_default(call_default_factory=True)
+            if isinstance(value, dict) and "name" not in value and default is not None:
+                # a partial block (e.g. only scheduler.coefficients) keeps the default component
+                value = {"name": default["name"] if isinstance(default, dict) else default, **value}
             sub = REGISTRIES[kind]
             if isinstance(value, list):
                 resolved = [sub.resolve(v, f"{path}.{field}.{i}") for i, v in enumerate(value)]

@@ -17,8 +17,9 @@ from rich.table import Table
 
 from fusionkit.errors import FusionkitError
 
-console = Console()
-err_console = Console(stderr=True)
+# piped output (scripts, tests) gets wide lines instead of wrapped table cells
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _load_plugins(plugins: tuple[str, ...]) -> None:

@@ -1,0 +1,31 @@
+"""The README's embedding example is the file examples/embed_dms.py and runs as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_readme_example_is_the_example_file_and_runs():
+    readme = (REPO / "README.md").read_text()
+    example = (REPO / "examples" / "embed_dms.py").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert example in blocks, "README's embedding example drifted from examples/embed_dms.py"
+    assert len([line for line in example.splitlines() if line.strip()]) <= 15
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "embed_dms.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"\[(0\.\d+), (0\.\d+)\]", proc.stdout)
+    assert len(rows) == 8
+    assert all(abs(float(a) + float(b) - 1.0) < 2e-4 for a, b in rows)
+
+
+def test_readme_opens_with_the_two_commands():
+    readme = (REPO / "README.md").read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
+    assert "scripts/setup.sh" in first_block and "fusionkit train --modalities image,text" in first_block
+    assert "bash scripts/test.sh" in first_block
+    assert (REPO / ".ci" / "run").read_text().count("scripts/test.sh") == 1
