@@ -162,6 +162,13 @@ def config_show(target, overrides):
     click.echo(to_yaml(resolve(load_raw(path, list(overrides)))), nl=False)
 
 
+# -- robustness, weights (own file: fusionkit/cli/robustness.py) ---------------------------
+from fusionkit.cli.robustness import robustness, weights  # noqa: E402
+
+cli.add_command(robustness)
+cli.add_command(weights)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors with exit code 2 for user mistakes."""
     args = sys.argv[1:] if argv is None else argv

@@ -95,12 +95,31 @@ class UnimodalHeads(nn.Module):
         a = F.dropout(self.hidden(z), self.dropout, self.training)
         return self.output(a)
 
-    def sample(self, z: Tensor, passes: int, dropout: float | None = None) -> Tensor:
-        """T stochastic passes with dropout always on: probabilities ``(T, B, M, K)``."""
+    def sample(self, z: Tensor, passes: int, dropout: float | None = None, hidden: Tensor | None = None) -> Tensor:
+        """T stochastic passes with dropout always on: probabilities ``(T, B, M, K)``.
+
+        ``hidden`` (``(B, M, h)``) is the deterministic part if the caller already computed it.
+        The dropout masks come from random bytes (rate rounded to a multiple of 1/256): on the
+        CPU that is several times cheaper than drawing a float per element, and RNG dominates
+        the cost of the T passes.
+        """
         p = self.dropout if dropout is None else dropout
-        a = self.hidden(z)  # (B, M, h), shared by all passes
+        a = self.hidden(z) if hidden is None else hidden  # (B, M, h), shared by all passes
         a = a.unsqueeze(0).expand(passes, *a.shape)  # (T, B, M, h)
-        return self.output(F.dropout(a, p, training=True)).softmax(-1)  # (T, B, M, K)
+        drop = round(p * 256)
+        if not drop:
+            return self.output(a).softmax(-1)  # (T, B, M, K)
+        keep = random_bytes(a.shape, a.device) >= drop  # (T, B, M, h)
+        scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul's output
+        logits = torch.einsum("...bmh,mhk->...bmk", a * keep, self.w2) * scale + self.b2
+        return logits.softmax(-1)  # (T, B, M, K)
+
+
+def random_bytes(shape: torch.Size, device: torch.device) -> Tensor:
+    """Uniform random uint8 tensor of ``shape``, drawn 8 bytes per 64-bit sample (4x cheaper)."""
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    return words.view(torch.uint8)[:n].view(shape)
 
 
 def stack_modalities(z: dict[str, Tensor], modalities: list[str], mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -124,7 +143,8 @@ def stack_modalities(z: dict[str, Tensor], modalities: list[str], mask: Tensor |
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()[:10]
         raise DataError(f"sample(s) {rows} of the batch have no modality present; drop them before fusion")
-    stacked = torch.where(mask.unsqueeze(-1), stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
+    if not bool(mask.all()):
+        stacked = torch.where(mask.unsqueeze(-1), stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
     return stacked, mask
 
 

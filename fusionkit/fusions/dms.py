@@ -9,18 +9,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from fusionkit.fusions.base import Fusion, FusionConfig, FusionOutput
+from fusionkit.fusions.base import Fusion, FusionConfig, FusionOutput, stack_modalities
 from fusionkit.registry import build, component_field, register
 from fusionkit.scorers.base import ScoreContext
 
 
 def mwcl(fused: Tensor, z: Tensor, weights: Tensor) -> Tensor:
-    """``mean_b sum_m w_m ||h - z_m||^2`` for ``fused (B, d)``, ``z (B, M, d)``, ``weights (B, M)``."""
-    sq = (fused.unsqueeze(1) - z).pow(2).sum(-1)  # (B, M)
-    return (weights * sq).sum(1).mean()
+    """``mean_b sum_m w_m ||h - z_m||^2`` for the mix ``fused = sum_m w_m z_m`` (rows of w sum to 1).
+
+    For that mix the sum equals ``sum_m w_m ||z_m||^2 - ||h||^2`` (a weighted variance), which
+    needs no ``(B, M, d)`` difference tensor. Shapes: ``fused (B, d)``, ``z (B, M, d)``,
+    ``weights (B, M)``.
+    """
+    return ((weights * z.square().sum(-1)).sum(1) - fused.square().sum(-1)).clamp_min(0).mean()
 
 
 class DMSConfig(FusionConfig):
@@ -61,15 +66,23 @@ class DMSFusion(Fusion):
             raise ConfigError(f"fusion.scorers: two scorers produce the same signal ({signals})")
         self.scheduler = build("schedulers", cfg.scheduler, "fusion.scheduler", signals=signals)
 
-    def combine(self, z: Tensor, mask: Tensor, unimodal_logits: Tensor) -> FusionOutput:
+    def forward(self, z: dict[str, Tensor], mask: Tensor | None = None) -> FusionOutput:
+        stacked, mask = stack_modalities(z, self.modalities, mask)  # (B, M, d), (B, M)
+        hidden = self.heads.hidden(stacked)  # (B, M, h): computed once, reused by MC-dropout
+        logits = self.heads.output(F.dropout(hidden, self.heads.dropout, self.training))  # (B, M, K)
+        return self.combine(stacked, mask, logits, hidden)
+
+    def combine(self, z: Tensor, mask: Tensor, unimodal_logits: Tensor, hidden: Tensor | None = None) -> FusionOutput:
         detach = self.config.detach_scores
+        if hidden is not None and detach:
+            hidden = hidden.detach()
         ctx = ScoreContext(z=z.detach() if detach else z, mask=mask,
                            logits=unimodal_logits.detach() if detach else unimodal_logits,
-                           heads=self.heads)
+                           heads=self.heads, hidden=hidden)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
             scores = {s.signal: s(ctx) for s in self.scorers}  # each (B, M)
         weights = self.scheduler(scores, mask)  # (B, M), 0 where missing
-        fused = (weights.unsqueeze(-1).to(z.dtype) * z).sum(1)  # (B, d)
+        fused = torch.einsum("bm,bmd->bd", weights.to(z.dtype), z)  # (B, d)
         losses = {}
         if self.config.mwcl_weight > 0:
             losses["mwcl"] = self.config.mwcl_weight * mwcl(fused.float(), z.float(), weights.float())

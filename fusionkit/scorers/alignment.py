@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fusionkit.registry import register
@@ -17,12 +16,18 @@ def alignment(z: Tensor, mask: Tensor) -> Tensor:
         z: ``(B, M, d)`` with missing rows already zeroed.
         mask: ``(B, M)`` bool.
     """
-    m = mask.to(z.dtype).unsqueeze(-1)  # (B, M, 1)
-    total = (z * m).sum(dim=1, keepdim=True)  # (B, 1, d)
-    others = mask.sum(dim=1, keepdim=True).unsqueeze(-1) - m  # (B, M, 1): count of the others
-    mean_others = (total - z * m) / others.clamp(min=1)  # (B, M, d)
-    s = F.cosine_similarity(z, mean_others, dim=-1, eps=1e-8)  # (B, M)
-    valid = mask & (others.squeeze(-1) > 0)
+    # Everything follows from three dot products, with no (B, M, d) temporaries:
+    # o_m = S - z_m with S = sum of present z; cos = (z.S - |z|^2) / (|z| |S - z|)
+    m = mask.to(z.dtype)  # (B, M)
+    total = torch.einsum("bm,bmd->bd", m, z)  # (B, d)
+    zz = z.square().sum(-1)  # (B, M)
+    zs = torch.einsum("bmd,bd->bm", z, total)  # (B, M)
+    ss = total.square().sum(-1, keepdim=True)  # (B, 1)
+    dot = zs - zz  # z_m . o_m
+    oo = (ss - 2 * zs + zz).clamp_min(0)  # |o_m|^2
+    s = dot / (zz.sqrt() * oo.sqrt()).clamp_min(1e-8)  # (B, M); the mean's 1/(n-1) cancels
+    others = mask.sum(1, keepdim=True) - mask.long()  # (B, M): how many other modalities
+    valid = mask & (others > 0)
     return torch.where(valid, s, torch.zeros((), dtype=s.dtype, device=s.device))
 
 

@@ -19,12 +19,14 @@ class ScoreContext:
         mask: presence ``(B, M)``.
         logits: unimodal head logits ``(B, M, K)``.
         heads: the heads themselves, for scorers that re-run them (MC-dropout).
+        hidden: the heads' deterministic hidden layer ``(B, M, h)``, if already computed.
     """
 
     z: Tensor
     mask: Tensor
     logits: Tensor
     heads: UnimodalHeads
+    hidden: Tensor | None = None
 
 
 class ScorerConfig(BaseModel):

@@ -10,8 +10,12 @@ from fusionkit.scorers.base import ScoreContext, Scorer, ScorerConfig
 
 
 def mc_variance(probs: Tensor) -> Tensor:
-    """``(T, B, M, K) -> (B, M)``: population variance over passes, averaged over classes."""
-    return probs.var(dim=0, correction=0).mean(-1)
+    """``(T, B, M, K) -> (B, M)``: population variance over passes, averaged over classes.
+
+    Computed as E[p^2] - E[p]^2 (clamped at 0): probabilities are bounded, so this is accurate,
+    and it is an order of magnitude faster than ``Tensor.var`` over the leading dim on the CPU.
+    """
+    return (probs.square().mean(0) - probs.mean(0).square()).clamp_min(0).mean(-1)
 
 
 class MCDropoutConfig(ScorerConfig):
@@ -29,5 +33,5 @@ class MCDropoutScorer(Scorer):
 
     def forward(self, ctx: ScoreContext) -> Tensor:
         # Dropout stays on here even in eval mode: that is what makes this an MC estimate.
-        probs = ctx.heads.sample(ctx.z, self.config.passes, self.config.dropout)  # (T, B, M, K)
+        probs = ctx.heads.sample(ctx.z, self.config.passes, self.config.dropout, ctx.hidden)  # (T, B, M, K)
         return mc_variance(probs.float())  # (B, M)
