@@ -265,8 +265,8 @@ def default_output_dir(runs: Sequence[Path], specs: Sequence[str], suffix: str =
 
 
 # -- the robustness report --------------------------------------------------------------------
-def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str], levels: Sequence[float] | str = DEFAULT_LEVELS,
-                      *, protocol: str = "all", p: float | None = None, baseline: str | Path | None = None,
+def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
+                      levels: Sequence[float] | str = DEFAULT_LEVELS, *, protocol: str = "all", p: float | None = None, baseline: str | Path | None = None,
                       split: str = "test", seed: int = 0, log=None) -> dict[str, Any]:
     """Evaluate each run at each severity; return the report (see the module docstring).
 
@@ -326,10 +326,13 @@ def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str], leve
             raise ConfigError(unknown_choice("a split of this dataset", split, bundle.splits))
         cspecs = resolve_specs(specs, bundle.modalities, str(q))
         data = bundle.splits[split]
-        results = {s: summarize(collect_corrupted(model, cfg, data, cspecs, s, seed=seed, protocol=protocol, p=p_value),
-                                model.modalities) for s in levels}
-        clean = results[0.0] if 0.0 in results else summarize(
-            collect_corrupted(model, cfg, data, cspecs, 0.0, seed=seed, protocol=protocol, p=p_value), model.modalities)
+
+        def evaluate(severity: float) -> dict[str, Any]:
+            c = collect_corrupted(model, cfg, data, cspecs, severity, seed=seed, protocol=protocol, p=p_value)
+            return summarize(c, model.modalities)
+
+        results = {s: evaluate(s) for s in levels}
+        clean = results[0.0] if 0.0 in results else evaluate(0.0)
         a_clean = clean["accuracy"]
         rows = []
         for s in levels:

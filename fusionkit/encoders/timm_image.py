@@ -62,7 +62,7 @@ def _to_chw(raw: Any) -> Tensor:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise DataError(f"image has shape {arr.shape}; expected (H, W) or (H, W, C)")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()  # (C, H, W)
+    x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float()  # (C, H, W)
     return x / 255.0 if arr.dtype == np.uint8 else x
 
 
