@@ -266,8 +266,9 @@ def default_output_dir(runs: Sequence[Path], specs: Sequence[str], suffix: str =
 
 # -- the robustness report --------------------------------------------------------------------
 def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
-                      levels: Sequence[float] | str = DEFAULT_LEVELS, *, protocol: str = "all", p: float | None = None, baseline: str | Path | None = None,
-                      split: str = "test", seed: int = 0, log=None) -> dict[str, Any]:
+                      levels: Sequence[float] | str = DEFAULT_LEVELS, *, protocol: str = "all",
+                      p: float | None = None, baseline: str | Path | None = None, split: str = "test",
+                      seed: int = 0, log=None) -> dict[str, Any]:
     """Evaluate each run at each severity; return the report (see the module docstring).
 
     Args:
