@@ -22,8 +22,19 @@ def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 15) ->
 
 
 @torch.no_grad()
-def collect(model, loader, fabric=None) -> dict[str, Tensor]:
-    """Run ``model`` over ``loader`` in eval mode; gather logits, weights, masks and targets."""
+def collect(model, loader, fabric=None, seed: int = 0) -> dict[str, Tensor]:
+    """Run ``model`` over ``loader`` in eval mode; gather logits, weights, masks and targets.
+
+    MC-dropout stays stochastic in eval mode, so the RNG is seeded with ``seed`` (inside a
+    forked RNG state, leaving the caller's untouched): evaluating a checkpoint twice, during
+    training or later with ``fusionkit eval``, gives identical numbers.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _collect(model, loader, fabric)
+
+
+def _collect(model, loader, fabric) -> dict[str, Tensor]:
     was_training = model.training
     model.eval()
     parts: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unimodal", "weights", "mask", "target", "index")}

@@ -195,9 +195,7 @@ def collect_corrupted(model, cfg, split: Dataset, specs: Sequence[CorruptionSpec
 
     data = CorruptedSplit(split, specs, severity, seed=seed, protocol=protocol, p=p)
     loader = make_loader(model, data, cfg, shuffle=False)
-    with torch.random.fork_rng(devices=[]):  # seed MC dropout without touching the caller's RNG
-        torch.manual_seed(seed)
-        return collect(model, loader)
+    return collect(model, loader, seed=seed)  # seeds MC dropout in a forked RNG state
 
 
 def curve_auc(levels: Sequence[float], accuracies: Sequence[float]) -> float:
