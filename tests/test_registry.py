@@ -14,17 +14,37 @@ from fusionkit.scorers.base import ScoreContext
 
 B, M, D, K = 4, 3, 16, 5
 
+TINY_CLIP = {  # open_clip ViT with one block per tower, random init
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 # Overrides that keep a component tiny; everything else runs with its defaults.
 TINY = {
     ("encoders", "timm"): {"model_name": "test_resnet", "image_size": 32},
+    ("encoders", "open_clip_image"): {"model_cfg": TINY_CLIP},
+    ("encoders", "open_clip_text"): {"model_cfg": TINY_CLIP},
+    ("encoders", "mel_cnn"): {"model_name": "test_resnet", "n_mels": 32},
+    ("encoders", "hf_audio"): {"config": {
+        "model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 37, "conv_dim": [32, 32], "conv_kernel": [10, 3], "conv_stride": [5, 2],
+        "num_feat_extract_layers": 2, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}},
+    ("encoders", "frames"): {"image": {"name": "timm", "model_name": "test_resnet", "image_size": 32},
+                             "num_frames": 4},
+    ("encoders", "hf_video"): {"config": {
+        "model_type": "videomae", "image_size": 32, "patch_size": 16, "num_frames": 4, "tubelet_size": 2,
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}},
 }
 SAMPLES = {  # one raw sample per modality kind
     "image": lambda: torch.rand(20, 18).numpy(),
     "text": lambda: "a handwritten seven",
     "vector": lambda: torch.randn(12).numpy(),
+    "audio": lambda: (0.1 * torch.randn(1, 4000)).numpy(),  # (C, T): 0.25 s at 16 kHz
+    "video": lambda: torch.randint(0, 256, (5, 20, 24, 3), dtype=torch.uint8).numpy(),  # (F, H, W, C)
 }
 SPECS = {"image": ModalitySpec("image", channels=1), "text": ModalitySpec("text"),
-         "vector": ModalitySpec("vector", dim=12)}
+         "vector": ModalitySpec("vector", dim=12),
+         "audio": ModalitySpec("audio", extra={"sample_rate": 16000}),
+         "video": ModalitySpec("video", channels=3)}
 SKIP_KINDS = {"corruptions", "datasets"}  # own parametrised tests (test_corruptions, below)
 
 
