@@ -40,6 +40,12 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.encoders.timm_image",
         "fusionkit.encoders.hf_text",
         "fusionkit.encoders.mlp_vector",
+        "fusionkit.encoders.open_clip_image",
+        "fusionkit.encoders.open_clip_text",
+        "fusionkit.encoders.mel_cnn",
+        "fusionkit.encoders.hf_audio",
+        "fusionkit.encoders.frames",
+        "fusionkit.encoders.hf_video",
     ),
     "scorers": (
         "fusionkit.scorers.confidence",
@@ -59,7 +65,7 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.fusions.qmf",
     ),
     "decoders": ("fusionkit.decoders.classifier",),
-    "datasets": ("fusionkit.datasets.digits",),
+    "datasets": ("fusionkit.datasets.digits", "fusionkit.datasets.manifest"),
     "corruptions": (
         "fusionkit.corruptions.image",
         "fusionkit.corruptions.gaussian_noise",

@@ -102,8 +102,13 @@ def test_every_component_builds_and_runs(kind, name):
 
 
 @pytest.mark.parametrize("name", registry("datasets").names())
-def test_every_dataset_loads_with_disjoint_splits(name):
-    bundle = build("datasets", name).load()
+def test_every_dataset_loads_with_disjoint_splits(name, tmp_path):
+    block = {"name": name}
+    if name == "manifest":  # reads files: use the offline demo dataset (tones, no espeak-ng)
+        from fusionkit.data.demo import write_demo
+
+        block["path"] = str(write_demo(tmp_path, n_per_class=3, use_espeak=False).out_dir / "manifest.jsonl")
+    bundle = build("datasets", block).load()
     ids = [set(split.ids) for split in bundle.splits.values()]
     assert set(bundle.splits) >= {"train", "val", "test"}
     assert all(len(s) > 0 for s in ids)

@@ -47,6 +47,10 @@ def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
 # -- train ---------------------------------------------------------------------------------
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML run config.")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False),
+              help="Your own manifest (.jsonl/.csv): shorthand for data={name: manifest, path: PATH}.")
+@click.option("--on-bad-sample", type=click.Choice(["error", "skip"]),
+              help="With --data: stop at a bad row/file (error) or leave it out and report it (skip).")
 @click.option("--modalities", help="Comma-separated modalities, e.g. image,text.")
 @click.option("--fusion", help="Fusion policy name (dms, mean, concat, ...).")
 @click.option("--epochs", type=int, help="Training epochs.")
@@ -55,7 +59,8 @@ def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.argument("overrides", nargs=-1)
-def train(config_path, modalities, fusion, epochs, seed, out, overwrite, no_progress, overrides):
+def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, seed, out, overwrite, no_progress,
+          overrides):
     """Train a model; OVERRIDES are key.path=value pairs (e.g. train.lr=3e-4)."""
     from fusionkit.config import apply_override, load_raw, resolve
     from fusionkit.training.trainer import load_data, next_free_dir, prepare_run_dir, train as run_train
@@ -66,7 +71,14 @@ def train(config_path, modalities, fusion, epochs, seed, out, overwrite, no_prog
         current_name = current.get("name") if isinstance(current, dict) else current
         if current_name != fusion:  # a new policy must not inherit the old one's parameters
             raw.setdefault("model", {})["fusion"] = {"name": fusion}
-    extra = [f"modalities=[{modalities}]"] if modalities else []
+    if data_path:
+        # absolute, so the run folder's config.yaml stays valid from any directory; other keys of
+        # a manifest block from --config (sample_rate, classes ...) are kept
+        current = raw.get("data")
+        keep = current if isinstance(current, dict) and current.get("name") == "manifest" else {}
+        raw["data"] = {**keep, "name": "manifest", "path": str(Path(data_path).expanduser().resolve())}
+    extra = [f"data.on_bad_sample={on_bad_sample}"] if on_bad_sample else []
+    extra += [f"modalities=[{modalities}]"] if modalities else []
     extra += [f"train.epochs={epochs}"] if epochs is not None else []
     extra += [f"seed={seed}"] if seed is not None else []
     for item in [*extra, *overrides]:
@@ -87,6 +99,21 @@ def train(config_path, modalities, fusion, epochs, seed, out, overwrite, no_prog
     result = run_train(cfg, run_dir, console=err_console, show_progress=not no_progress, bundle=bundle)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         _print_result_table(result.test, f"test results (best epoch {result.best_epoch}) - {run_dir}")
+        _print_skipped(result.skipped, run_dir / "skipped.json")
+
+
+def _print_skipped(rows: list[dict], path: Path | None, limit: int = 50) -> None:
+    """Say how many rows were left out and which (manifest ids are line numbers)."""
+    if not rows:
+        return
+    where = f"; all of them in {path}" if path else ""
+    err_console.print(f"[yellow]skipped {len(rows)} row(s)[/]{where}", highlight=False, soft_wrap=True)
+    for row in rows[:limit]:
+        split = f" ({row['split']})" if row.get("split") else ""
+        err_console.print(f"  line {row['id']}{split} [{row['stage']}]: {row['reason']}",
+                          highlight=False, soft_wrap=True, markup=False)
+    if len(rows) > limit:
+        err_console.print(f"  ... and {len(rows) - limit} more")
 
 
 def _print_result_table(metrics: dict, title: str) -> None:
@@ -110,11 +137,13 @@ def _print_result_table(metrics: dict, title: str) -> None:
 def eval_cmd(run_dir, split, checkpoint, as_json):
     """Evaluate a trained run folder on a split."""
     from fusionkit.evaluation import collect, summarize
-    from fusionkit.training.trainer import load_run, make_loader
+    from fusionkit.training.trainer import load_run, make_loader, skipped_rows, track_skipped
 
     cfg, bundle, model = load_run(Path(run_dir), checkpoint)
     loader = make_loader(model, bundle.splits[split], cfg, shuffle=False)
-    metrics = summarize(collect(model, loader), model.modalities)
+    seen: dict = {}
+    metrics = summarize(collect(model, track_skipped(loader, split, seen)), model.modalities)
+    _print_skipped([r for r in skipped_rows(bundle, seen) if r.get("split") in (split, None)], None)
     metrics = {"split": split, **metrics}
     if as_json:
         click.echo(json.dumps(metrics))
@@ -167,6 +196,15 @@ from fusionkit.cli.robustness import robustness, weights  # noqa: E402
 
 cli.add_command(robustness)
 cli.add_command(weights)
+
+from fusionkit.cli.ablate import ablate  # noqa: E402
+
+cli.add_command(ablate)
+
+# -- data (own file: fusionkit/cli/data.py) -------------------------------------------------
+from fusionkit.cli.data import data  # noqa: E402
+
+cli.add_command(data)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,12 @@
 A batch is ``{"inputs": {m: encoder batch of the samples that HAVE m}, "rows": {m: LongTensor of
 those samples' positions}, "mask": (B, M) bool in sorted-name order, "target": (B,), "index": (B,)}``.
 Encoders therefore only ever see real inputs; the model scatters their outputs back by ``rows``.
+
+Skipping bad samples (``data.on_bad_sample: skip``): a split may return a marker item
+``{"skip": reason, "id": ..., "index": i}`` for a sample it cannot decode; preprocessing errors
+of such a split become markers too. ``Collate`` leaves marked items out and lists them in
+``batch["skipped"] = [(id, reason), ...]`` (always present, usually empty), so the trainer can
+report them. A batch whose samples were all skipped has B = 0; callers skip it.
 """
 
 from __future__ import annotations
@@ -28,15 +34,20 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.split[i]
+        ids = getattr(self.split, "ids", None)
+        ident = ids[i] if ids else i
+        if "skip" in item:  # the split could not decode this sample and skipping is on
+            return {"skip": item["skip"], "id": item.get("id", ident), "index": item["index"]}
         inputs = {}
         for m, enc in self.encoders.items():
             raw = item["inputs"].get(m)
             try:
                 inputs[m] = None if raw is None else enc.preprocess(raw)
             except FusionkitError as err:
-                ident = getattr(self.split, "ids", None)
-                where = f"sample {ident[i] if ident else i}"
-                raise DataError(f"{where}, modality '{m}': {err}") from None
+                if getattr(self.split, "on_bad_sample", "error") == "skip":
+                    return {"skip": f"modality '{m}': {err}", "id": ident, "index": item["index"]}
+                describe = getattr(self.split, "describe", None)  # e.g. "manifest 'x.jsonl' line 7"
+                raise DataError(f"{describe(i) if describe else f'sample {ident}'}, modality '{m}': {err}") from None
         return {"inputs": inputs, "target": item["target"], "index": item["index"]}
 
 
@@ -48,8 +59,10 @@ class Collate:
         self.modalities = sorted(encoders)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        skipped = [(it["id"], it["skip"]) for it in items if "skip" in it]
+        items = [it for it in items if "skip" not in it]
         mask = torch.tensor([[it["inputs"][m] is not None for m in self.modalities] for it in items],
-                            dtype=torch.bool)  # (B, M)
+                            dtype=torch.bool).reshape(len(items), len(self.modalities))  # (B, M), B may be 0
         inputs, rows = {}, {}
         for j, m in enumerate(self.modalities):
             present = mask[:, j].nonzero().flatten()
@@ -58,4 +71,5 @@ class Collate:
                 if len(present) else None
         return {"inputs": inputs, "rows": rows, "mask": mask,
                 "target": torch.tensor([it["target"] for it in items], dtype=torch.long),
-                "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+                "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+                "skipped": skipped}

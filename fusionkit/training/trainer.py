@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,36 @@ def load_data(cfg: RunConfig) -> DatasetBundle:
     bundle = dataset.load()
     bundle.splits = {name: split.select(cfg.modalities) for name, split in bundle.splits.items()}
     bundle.modalities = {m: bundle.modalities[m] for m in cfg.modalities}
+    # rows a split left out because none of the chosen modalities is present (manifest datasets)
+    dropped = [row for split in bundle.splits.values() for row in getattr(split, "dropped", ())]
+    if dropped:
+        bundle.info["skipped"] = [*bundle.info.get("skipped", ()), *dropped]
     return bundle
+
+
+def track_skipped(loader, split: str, seen: dict[tuple[str, Any], str]):
+    """Yield ``loader``'s batches that still hold samples; record skipped ones in ``seen``.
+
+    With ``data.on_bad_sample: skip`` the collate function drops samples that failed to decode
+    and lists them in ``batch["skipped"]``; a batch of only such samples is empty (B = 0).
+    """
+    for batch in loader:
+        for ident, reason in batch.get("skipped", ()):
+            seen[(split, ident)] = reason
+        if batch["mask"].shape[0]:
+            yield batch
+
+
+def _id_order(split: str, ident: Any) -> tuple:
+    return ("train", "val", "test").index(split) if split in ("train", "val", "test") else 3, \
+        (0, ident, "") if isinstance(ident, int) else (1, 0, str(ident))
+
+
+def skipped_rows(bundle: DatasetBundle, seen: dict[tuple[str, Any], str]) -> list[dict[str, Any]]:
+    """Every left-out row: at load time (bundle.info["skipped"]) and at access time (``seen``)."""
+    access = [{"split": split, "id": ident, "stage": "access", "reason": reason}
+              for (split, ident), reason in sorted(seen.items(), key=lambda kv: _id_order(*kv[0]))]
+    return [*bundle.info.get("skipped", ()), *access]
 
 
 def make_model(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
@@ -84,7 +113,7 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise RunDirError(f"run folder '{out}' already exists; pass --overwrite to replace it "
                               f"or --out to choose another")
-        for name in ("metrics.jsonl", "results.json", "config.yaml"):
+        for name in ("metrics.jsonl", "results.json", "config.yaml", "skipped.json"):
             (out / name).unlink(missing_ok=True)
         for f in (out / "checkpoints").glob("*") if (out / "checkpoints").exists() else []:
             f.unlink()
@@ -108,6 +137,7 @@ class TrainResult:
     best_epoch: int
     val: dict[str, Any]
     test: dict[str, Any]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # rows left out (on_bad_sample=skip)
 
 
 def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_progress: bool = True,
@@ -139,6 +169,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
     train_loader, val_loader, test_loader = fabric.setup_dataloaders(train_loader, val_loader, test_loader)
 
     best: tuple[float, float] | None = None
+    seen_skipped: dict[tuple[str, Any], str] = {}  # (split, id) -> reason: samples that failed to decode
     best_epoch, best_val = 0, {}
     ckpt_dir = run_dir / "checkpoints"
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -152,7 +183,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
             steps = 0
             t0 = time.perf_counter()
             batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
-            for batch in train_loader:
+            for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
                 out = fmodel(batch)
                 terms = model.loss_terms(out, batch["target"])
                 loss = sum(terms.values())
@@ -168,7 +199,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
                 steps += 1
                 progress.update(batch_task, advance=1, info=f"loss {sums['loss'] / steps:.3f}")
             progress.remove_task(batch_task)
-            val = summarize(collect(fmodel, val_loader, fabric), model.modalities)
+            val = summarize(collect(fmodel, track_skipped(val_loader, "val", seen_skipped), fabric), model.modalities)
             record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
                       "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0}
             key = (val["accuracy"], -val["nll"]) if cfg.train.monitor == "accuracy" else (-val["nll"], val["accuracy"])
@@ -186,11 +217,15 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
             progress.update(epochs_task, advance=1, info=f"val acc {val['accuracy']:.3f} (best {best_val['accuracy']:.3f})")
 
     load_weights(model, ckpt_dir / "best.safetensors")
-    test = summarize(collect(fmodel, test_loader, fabric), model.modalities)
-    result = TrainResult(run_dir, best_epoch, best_val, test)
+    test = summarize(collect(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric), model.modalities)
+    skipped = skipped_rows(bundle, seen_skipped)
+    result = TrainResult(run_dir, best_epoch, best_val, test, skipped)
     if rank0:
         atomic_write_text(run_dir / "results.json", json.dumps(
             {"best_epoch": best_epoch, "val": best_val, "test": test}, indent=2))
+        if skipped:  # never a silent drop: every left-out row, with its reason
+            atomic_write_text(run_dir / "skipped.json", json.dumps(
+                {"count": len(skipped), "rows": skipped}, indent=2))
     return result
 
 
