@@ -42,6 +42,10 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables")
     num_workers: int = Field(0, ge=0, description="DataLoader workers; 0 keeps tiny runs fastest")
     monitor: Literal["accuracy", "loss"] = Field("accuracy", description="val metric that picks the best checkpoint")
+    cache_features: bool = Field(False, description=(
+        "store frozen encoders' outputs on disk once (keyed by encoder, weights and content) so "
+        "later epochs and runs skip those encoders"))
+    cache_dir: str | None = Field(None, description="feature cache folder; None = ~/.cache/fusionkit/features")
 
 
 class RuntimeConfig(_Strict):
@@ -148,6 +152,8 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
     enc_registry = registry("encoders")
     for m in sorted(modalities):
         base = dataset_defaults.get(m) or DEFAULT_ENCODERS.get(specs[m].kind)
+        if base is not None and base["name"] not in enc_registry:
+            base = None  # e.g. the audio default when its encoder is not installed: ask for one
         block = cfg.model.encoders.get(m)
         if isinstance(block, str):
             block = {"name": block}
@@ -177,6 +183,8 @@ DEFAULT_ENCODERS: dict[str, dict[str, Any]] = {
     "image": {"name": "timm"},
     "text": {"name": "hf_text"},
     "vector": {"name": "mlp"},
+    "audio": {"name": "mel_cnn"},
+    "video": {"name": "frames"},
 }
 
 

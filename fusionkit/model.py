@@ -45,6 +45,9 @@ class MultimodalModel(nn.Module):
             {m: nn.Sequential(nn.Linear(e.out_dim, dim), nn.LayerNorm(dim)) for m, e in encoders.items()})
         self.fusion = fusion
         self.decoder = decoder
+        # modalities whose batches already hold the (frozen) encoder's features, served from the
+        # on-disk feature cache; their encoders are skipped but stay in the state dict
+        self.precomputed: set[str] = set()
 
     def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``{m: z_m (B, d)}``; rows of samples lacking m stay zero (and are masked)."""
@@ -55,7 +58,8 @@ class MultimodalModel(nn.Module):
             out = torch.zeros(B, self.dim, dtype=ref.dtype, device=ref.device)  # (B, d)
             x = batch["inputs"][m]
             if x is not None:
-                zm = self.projectors[m](self.encoders[m](x))  # (n_present, d)
+                feats = x if m in self.precomputed else self.encoders[m](x)  # (n_present, d_m)
+                zm = self.projectors[m](feats.to(ref.dtype))  # (n_present, d)
                 out = out.index_copy(0, batch["rows"][m].to(ref.device), zm.to(out.dtype))
             z[m] = out
         return z

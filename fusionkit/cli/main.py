@@ -58,9 +58,11 @@ def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<dataset>-<modalities>-<fusion>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--cache-features", is_flag=True,
+              help="Compute frozen encoders' outputs once, on disk (~/.cache/fusionkit/features), and reuse them.")
 @click.argument("overrides", nargs=-1)
 def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, seed, out, overwrite, no_progress,
-          overrides):
+          cache_features, overrides):
     """Train a model; OVERRIDES are key.path=value pairs (e.g. train.lr=3e-4)."""
     from fusionkit.config import apply_override, load_raw, resolve
     from fusionkit.training.trainer import load_data, next_free_dir, prepare_run_dir, train as run_train
@@ -78,6 +80,7 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
         keep = current if isinstance(current, dict) and current.get("name") == "manifest" else {}
         raw["data"] = {**keep, "name": "manifest", "path": str(Path(data_path).expanduser().resolve())}
     extra = [f"data.on_bad_sample={on_bad_sample}"] if on_bad_sample else []
+    extra += ["train.cache_features=true"] if cache_features else []
     extra += [f"modalities=[{modalities}]"] if modalities else []
     extra += [f"train.epochs={epochs}"] if epochs is not None else []
     extra += [f"seed={seed}"] if seed is not None else []

@@ -84,6 +84,12 @@ class Encoder(nn.Module):
                 for p in block.parameters():
                     p.requires_grad_(True)
 
+    def train(self, mode: bool = True):
+        """A fully frozen encoder stays in eval mode: it is a fixed function of its input (no
+        dropout, no batch-norm statistics drifting), which is also what makes caching it exact."""
+        super().train(mode and not self.frozen)
+        return self
+
     @property
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())

@@ -15,6 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from fusionkit.config import RunConfig, to_yaml
+from fusionkit.data.cache import CacheStats, CachedSplit, PrecomputedEncoder, precompute
+from fusionkit.data.cache import default_root as cache_root
 from fusionkit.data.loader import Collate, EncodedDataset
 from fusionkit.datasets.base import DatasetBundle
 from fusionkit.errors import ConfigError, RunDirError
@@ -83,11 +85,31 @@ def make_model(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
 
 
 def make_loader(model: MultimodalModel, split, cfg: RunConfig, shuffle: bool, seed: int = 0) -> DataLoader:
-    encoders = dict(model.encoders.items())
+    encoders = {m: (PrecomputedEncoder(e.out_dim) if m in model.precomputed else e) for m, e in model.encoders.items()}
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(EncodedDataset(split, encoders), batch_size=cfg.train.batch_size, shuffle=shuffle,
                       num_workers=cfg.train.num_workers, collate_fn=Collate(encoders), generator=generator,
                       persistent_workers=cfg.train.num_workers > 0)
+
+
+def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBundle, console=None) -> CacheStats:
+    """Serve every frozen encoder's outputs from the on-disk cache (computing the missing ones).
+
+    The splits of ``bundle`` are replaced by :class:`CachedSplit` views and the model is told to
+    skip those encoders; their weights stay in the model and its checkpoints.
+    """
+    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else cache_root()
+    stats = CacheStats()
+    frozen = [m for m, e in model.encoders.items() if not any(p.requires_grad for p in e.parameters())]
+    for name, split in list(bundle.splits.items()):
+        feats = {m: precompute(model.encoders[m], cfg.model.encoders[m], split, m, root, stats,
+                               batch_size=cfg.train.batch_size) for m in frozen}
+        bundle.splits[name] = CachedSplit(split, feats) if feats else split
+    model.precomputed = set(frozen)
+    if console is not None and frozen:
+        console.print(f"[bold]feature cache[/] {root}: {stats.hits} hits, {stats.misses} computed "
+                      f"({', '.join(frozen)})")
+    return stats
 
 
 def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
@@ -138,6 +160,7 @@ class TrainResult:
     val: dict[str, Any]
     test: dict[str, Any]
     skipped: list[dict[str, Any]] = field(default_factory=list)  # rows left out (on_bad_sample=skip)
+    cache: dict[str, Any] | None = None  # feature-cache hits/misses (train.cache_features)
 
 
 def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_progress: bool = True,
@@ -158,6 +181,9 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
 
     bundle = bundle or load_data(cfg)
     model = make_model(cfg, bundle)
+    cache_stats = None
+    if cfg.train.cache_features:
+        cache_stats = use_feature_cache(model, cfg, bundle, console if show_progress and rank0 else None)
     train_loader = make_loader(model, bundle.splits["train"], cfg, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(model, bundle.splits["val"], cfg, shuffle=False)
     test_loader = make_loader(model, bundle.splits["test"], cfg, shuffle=False)
@@ -220,6 +246,8 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
     test = summarize(collect(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric), model.modalities)
     skipped = skipped_rows(bundle, seen_skipped)
     result = TrainResult(run_dir, best_epoch, best_val, test, skipped)
+    if cache_stats is not None:
+        result.cache = {"hits": cache_stats.hits, "misses": cache_stats.misses, "by_modality": cache_stats.by_modality}
     if rank0:
         atomic_write_text(run_dir / "results.json", json.dumps(
             {"best_epoch": best_epoch, "val": best_val, "test": test}, indent=2))
