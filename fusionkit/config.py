@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fusionkit.errors import ConfigError, unknown_choice
 from fusionkit.registry import registry, validation_message
+from fusionkit.training.augment import AugmentConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -46,6 +47,13 @@ class TrainConfig(_Strict):
         "store frozen encoders' outputs on disk once (keyed by encoder, weights and content) so "
         "later epochs and runs skip those encoders"))
     cache_dir: str | None = Field(None, description="feature cache folder; None = ~/.cache/fusionkit/features")
+    augment: list[AugmentConfig] = Field(default_factory=list, description=(
+        "corruption-aware training: corruptions applied to training samples per sample and "
+        "modality, e.g. [{corrupt: image:gaussian_noise, p: 0.3, severity: [0, 1]}, "
+        "{corrupt: missing:any, p: 0.15}]; off (empty) by default"))
+    calibrate: bool = Field(True, description=(
+        "after training, fit one softmax temperature per unimodal head on the validation split "
+        "(stored in the checkpoint), so a head's confidence means its probability of being right"))
 
 
 class RuntimeConfig(_Strict):
@@ -147,6 +155,9 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
     for m in cfg.model.encoders:
         if m not in modalities:
             raise ConfigError(f"model.encoders.{m}: '{m}' is not among the chosen modalities {sorted(modalities)}")
+    from fusionkit.training.augment import resolve_augment
+
+    resolve_augment(cfg.train.augment, {m: specs[m] for m in modalities})  # bad entries fail here, early
     dataset_defaults = dataset.default_encoders()
     encoders = {}
     enc_registry = registry("encoders")

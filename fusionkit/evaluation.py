@@ -37,17 +37,27 @@ def collect(model, loader, fabric=None, seed: int = 0) -> dict[str, Tensor]:
 def _collect(model, loader, fabric) -> dict[str, Tensor]:
     was_training = model.training
     model.eval()
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unimodal", "weights", "mask", "target", "index")}
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unimodal", "unimodal_logits", "unimodal_probs",
+                                                      "weights", "mask", "target", "index")}
+    scores: dict[str, list[Tensor]] = {}
+    heads = getattr(getattr(model, "fusion", None), "heads", None)  # Fabric forwards attributes
     for batch in loader:
         out = model(batch)
+        uni = out.fusion.unimodal_logits.float()  # (B, M, K)
         parts["probs"].append(out.logits.float().softmax(-1))
-        parts["unimodal"].append(out.fusion.unimodal_logits.float().argmax(-1))
+        parts["unimodal"].append(uni.argmax(-1))
+        parts["unimodal_logits"].append(uni)
+        # the heads' probabilities as the scorers see them (temperature-scaled when calibrated)
+        parts["unimodal_probs"].append((heads.calibrate(uni) if heads is not None else uni).softmax(-1))
+        for name, value in out.fusion.scores.items():
+            scores.setdefault(name, []).append(value.float())
         parts["weights"].append(out.fusion.weights.float())
         parts["mask"].append(out.fusion.mask)
         parts["target"].append(batch["target"])
         parts["index"].append(batch["index"])
     model.train(was_training)
     result = {k: torch.cat(v).cpu() for k, v in parts.items()}
+    result.update({f"score.{k}": torch.cat(v).cpu() for k, v in scores.items()})
     if fabric is not None and fabric.world_size > 1:
         result = {k: fabric.all_gather(v).flatten(0, 1).cpu() for k, v in result.items()}
     return result
@@ -55,13 +65,14 @@ def _collect(model, loader, fabric) -> dict[str, Tensor]:
 
 def summarize(c: dict[str, Tensor], modalities: list[str]) -> dict[str, Any]:
     """The stable evaluation record (``fusionkit eval --json``): accuracy, unimodal_accuracy,
-    mean_weights, n, plus nll and ece."""
+    mean_weights, n, plus nll, ece and unimodal_ece (each head's ECE, calibrated if fitted)."""
     target, mask = c["target"], c["mask"]
     pred = c["probs"].argmax(1)
-    uni_acc, mean_w = {}, {}
+    uni_acc, uni_ece, mean_w = {}, {}, {}
     for j, m in enumerate(modalities):
         have = mask[:, j]
         uni_acc[m] = float((c["unimodal"][have, j] == target[have]).float().mean()) if have.any() else None
+        uni_ece[m] = expected_calibration_error(c["unimodal_probs"][have, j], target[have]) if have.any() else None
         mean_w[m] = float(c["weights"][:, j].mean())
     nll = float(-c["probs"].clamp_min(1e-12).log().gather(1, target[:, None]).mean())
     return {
@@ -71,4 +82,21 @@ def summarize(c: dict[str, Tensor], modalities: list[str]) -> dict[str, Any]:
         "n": int(len(target)),
         "nll": nll,
         "ece": expected_calibration_error(c["probs"], target),
+        "unimodal_ece": uni_ece,
     }
+
+
+def signal_stats(c: dict[str, Tensor], modalities: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and std of each quality signal per modality over the samples that have it:
+    ``{signal: {modality: {"mean", "std"}}}`` (empty for policies without signals)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in c.items():
+        if not key.startswith("score."):
+            continue
+        per = {}
+        for j, m in enumerate(modalities):
+            v = value[c["mask"][:, j], j]
+            if len(v):
+                per[m] = {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0}
+        out[key.removeprefix("score.")] = per
+    return out

@@ -51,6 +51,7 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.scorers.confidence",
         "fusionkit.scorers.mc_dropout",
         "fusionkit.scorers.alignment",
+        "fusionkit.scorers.agreement",
     ),
     "schedulers": ("fusionkit.schedulers.softmax", "fusionkit.schedulers.mlp"),
     "fusions": (

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 from fusionkit.corruptions.base import Corruption, check_severity, parse_corruption_spec
 from fusionkit.encoders.base import ModalitySpec
 from fusionkit.errors import ConfigError, RunDirError, unknown_choice
-from fusionkit.evaluation import collect, summarize
+from fusionkit.evaluation import collect, signal_stats, summarize
 from fusionkit.registry import registry
 
 PROTOCOLS = ("all", "random_subset")
@@ -469,7 +469,8 @@ def weight_report(run_dir: str | Path, specs: Sequence[str], levels: Sequence[fl
     per_level = []
     for s in levels:
         summary = summarize(collected[s], model.modalities)
-        per_level.append({"severity": s, "mean_weights": summary["mean_weights"], "accuracy": summary["accuracy"]})
+        per_level.append({"severity": s, "mean_weights": summary["mean_weights"], "accuracy": summary["accuracy"],
+                          "signals": signal_stats(collected[s], model.modalities)})
     top = levels[-1]
     picked = []
     for i in sample_positions(len(data), samples):
@@ -480,9 +481,13 @@ def weight_report(run_dir: str | Path, specs: Sequence[str], levels: Sequence[fl
             entry[label] = {m: float(c["weights"][row, j]) for j, m in enumerate(model.modalities)}
             entry[f"{label}_present"] = {m: bool(c["mask"][row, j]) for j, m in enumerate(model.modalities)}
         picked.append(entry)
+    scheduler = getattr(model.fusion, "scheduler", None)
     return {"run": str(path), "name": path.resolve().name, "fusion": cfg.model.fusion["name"], "split": split,
             "seed": seed, "corruptions": list(specs), "levels": levels, "modalities": list(model.modalities),
-            "mean_weights": per_level, "samples_severity": top, "samples": picked}
+            "mean_weights": per_level, "samples_severity": top, "samples": picked,
+            # the scheduler's standardisation statistics (None when it reads raw signals)
+            "signal_scale": scheduler.signal_scale() if hasattr(scheduler, "signal_scale") else None,
+            "temperature": dict(zip(model.modalities, model.fusion.heads.temperature.tolist()))}
 
 
 def plot_weights(report: dict[str, Any], sample_path: Path, severity_path: Path) -> None:

@@ -40,7 +40,8 @@ def test_config_show_prints_the_resolved_config(tiny_run):
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["modalities"] == ["fou", "kar"]
-    assert cfg["model"]["fusion"]["scheduler"]["name"] == "softmax"
+    sched = cfg["model"]["fusion"]["scheduler"]
+    assert sched["name"] == "softmax" and sched["standardize"] is True and sched["temperature"] == 1.0
     assert cfg["model"]["encoders"]["fou"]["name"] == "mlp"
     proc = run_cli("config", "show", str(REPO / "configs" / "digits.yaml"), "model.fusion.mwcl_weight=0.5")
     assert proc.returncode == 0, proc.stderr

@@ -60,6 +60,7 @@ def _fixed_heads(fusion: DMSFusion, logits: list[list[float]]) -> None:
 
 def test_full_dms_forward_by_hand():
     fusion = DMSFusion(["b", "a"], dim=2, num_classes=2, head_dropout=0.0, mwcl_weight=1.0,
+                       scorers=["confidence", "mc_dropout", "alignment"],  # the paper's three signals
                        scheduler={"name": "softmax", "alpha": 1, "beta": 1, "gamma": 1, "temperature": 0.5})
     _fixed_heads(fusion, [[math.log(0.8), math.log(0.2)], [0.0, 0.0]])  # a: p=(.8,.2); b: p=(.5,.5)
     fusion.eval()

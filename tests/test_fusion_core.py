@@ -110,7 +110,8 @@ def test_mc_dropout_stays_stochastic_in_eval_mode():
 
 
 def test_rule_scheduler_prefers_the_confident_modality():
-    f = DMSFusion(["a", "b"], dim=D, num_classes=K, head_dropout=0.0, scorers=["confidence"])
+    f = DMSFusion(["a", "b"], dim=D, num_classes=K, head_dropout=0.0, scorers=["confidence"],
+                  scheduler={"name": "softmax"})
     with torch.no_grad():
         f.heads.w1.zero_(); f.heads.w2.zero_(); f.heads.b2.zero_()
         f.heads.b2[0, 0] = 6.0  # head a is sure, head b is uniform
@@ -120,7 +121,7 @@ def test_rule_scheduler_prefers_the_confident_modality():
 
 def test_ablation_switches():
     f = DMSFusion(["a", "b"], dim=D, num_classes=K,
-                  scheduler={"name": "softmax", "alpha": 0, "beta": 0, "gamma": 0})
+                  scheduler={"name": "softmax", "alpha": 0, "beta": 0, "gamma": 0, "delta": 0})
     w = f(_z("ab")).weights
     assert torch.allclose(w, torch.full_like(w, 0.5))
 

@@ -136,7 +136,8 @@ def test_extra_and_badly_typed_keys_are_rejected_with_their_path():
 def test_resolve_fills_nested_defaults():
     r = registry("fusions").resolve("dms")
     assert r["scheduler"]["name"] == "softmax" and r["scheduler"]["temperature"] > 0
-    assert [s["name"] for s in r["scorers"]] == ["confidence", "mc_dropout", "alignment"]
+    assert [s["name"] for s in r["scorers"]] == ["confidence", "mc_dropout", "agreement"]
+    assert r["scheduler"]["standardize"] is True and r["route_weight"] == 1.0
     assert r["scorers"][1]["passes"] == 10
 
 

@@ -14,11 +14,13 @@ import click
 @click.option("--severity", type=float, default=0.8, show_default=True, help="Severity of the robust column.")
 @click.option("--protocol", type=click.Choice(["all", "random_subset"]), default="all", show_default=True)
 @click.option("--p", "p", type=float, default=None, help="random_subset probability.")
-@click.option("--variants", default=None, help="Comma-separated subset of the grid (default: all).")
+@click.option("--variants", default=None, help="Comma-separated subset of the grid (default: every variant that applies).")
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2 (default: the config's seed); "
+              "rows show mean +/- std over them.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="New folder for runs and tables.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.argument("overrides", nargs=-1)
-def ablate(config_path, corrupt, severity, protocol, p, variants, out, overwrite, overrides):
+def ablate(config_path, corrupt, severity, protocol, p, variants, seeds, out, overwrite, overrides):
     """Train the DMS ablation grid and tabulate clean vs corrupted accuracy."""
     from rich.console import Console
     from rich.table import Table
@@ -32,16 +34,27 @@ def ablate(config_path, corrupt, severity, protocol, p, variants, out, overwrite
     raw = load_raw(config_path)
     for item in overrides:
         apply_override(raw, item)
+    from fusionkit.ablation import pm
+    from fusionkit.errors import ConfigError
+
     names = [v.strip() for v in variants.split(",")] if variants else None
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds: {seeds!r} must be integers separated by commas, e.g. 0,1,2") from None
+    if seed_list is not None and (not seed_list or len(set(seed_list)) != len(seed_list)):
+        raise ConfigError(f"--seeds: give distinct integers, e.g. 0,1,2 (got {seeds!r})")
     variant_configs(raw, names)  # every variant validates before anything is written
     out_dir = prepare_run_dir(Path(out), overwrite)
     console = Console(stderr=True)
-    result = run_ablation(raw, out_dir, list(corrupt), severity, variants=names, protocol=protocol, p=p,
-                          overwrite=overwrite, log=lambda s: console.print(f"[dim]{s}[/]"))
-    table = Table(title=f"ablation: clean vs {', '.join(corrupt)} at severity {severity} ({out_dir})")
+    result = run_ablation(raw, out_dir, list(corrupt), severity, variants=names, seeds=seed_list, protocol=protocol,
+                          p=p, overwrite=overwrite, log=lambda s: console.print(f"[dim]{s}[/]", markup=False))
+    table = Table(title=f"ablation: clean vs {', '.join(corrupt)} at severity {severity}, seeds "
+                        f"{result['seeds']}, accuracy in % ({out_dir})")
     for col in ("variant", "clean acc", "corrupted acc", "drop (pts)", "AUC"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in result["rows"]:
-        table.add_row(r["variant"], f"{r['clean_accuracy']:.4f}", f"{r['corrupted_accuracy']:.4f}",
-                      f"{r['drop_points']:.2f}", f"{r['auc']:.4f}")
+        table.add_row(r["variant"], pm(r["clean_accuracy"], r["clean_accuracy_std"]),
+                      pm(r["corrupted_accuracy"], r["corrupted_accuracy_std"]),
+                      pm(r["drop_points"], r["drop_points_std"], 1.0), pm(r["auc"], r["auc_std"]))
     Console(width=200).print(table)

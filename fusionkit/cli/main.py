@@ -101,7 +101,8 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
         err_console.print(f"[bold]run folder[/] {run_dir}")
     result = run_train(cfg, run_dir, console=err_console, show_progress=not no_progress, bundle=bundle)
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        _print_result_table(result.test, f"test results (best epoch {result.best_epoch}) - {run_dir}")
+        _print_result_table(result.test, f"test results (best epoch {result.best_epoch}) - {run_dir}",
+                            result.calibration)
         _print_skipped(result.skipped, run_dir / "skipped.json")
 
 
@@ -119,14 +120,25 @@ def _print_skipped(rows: list[dict], path: Path | None, limit: int = 50) -> None
         err_console.print(f"  ... and {len(rows) - limit} more")
 
 
-def _print_result_table(metrics: dict, title: str) -> None:
+def _print_result_table(metrics: dict, title: str, calibration: dict | None = None) -> None:
+    """Fused and per-head accuracy with mean weights; with ``calibration`` (a training result), each
+    head's temperature and its ECE before and after on the validation split, and test ECE."""
     table = Table(title=title)
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     table.add_column("mean weight", justify="right")
-    table.add_row("[bold]fused[/]", f"{metrics['accuracy']:.4f}", "")
+    table.add_column("head ECE (test)", justify="right")
+    if calibration:
+        table.add_column("temperature", justify="right")
+        table.add_column("val ECE before -> after", justify="right")
+    table.add_row("[bold]fused[/]", f"{metrics['accuracy']:.4f}", "", f"{metrics['ece']:.4f}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for m, acc in metrics["unimodal_accuracy"].items():
-        table.add_row(f"{m} head", "-" if acc is None else f"{acc:.4f}", f"{metrics['mean_weights'][m]:.3f}")
+        row = [f"{m} head", fmt(acc), f"{metrics['mean_weights'][m]:.3f}", fmt(metrics.get("unimodal_ece", {}).get(m))]
+        if calibration:
+            c = calibration.get(m, {})
+            row += [f"{c.get('temperature', 1.0):.3f}", f"{fmt(c.get('ece_before'))} -> {fmt(c.get('ece_after'))}"]
+        table.add_row(*row)
     console.print(table)
     console.print(f"n={metrics['n']}  nll={metrics['nll']:.4f}  ece={metrics['ece']:.4f}")
 

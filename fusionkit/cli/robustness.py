@@ -106,4 +106,16 @@ def weights(run_dir, corrupt, levels, samples, split, seed, out, overwrite):
             for x in report["mean_weights"]]
     console.print(_table(f"mean weights - {report['name']}: {', '.join(corrupt)}",
                          ["severity", "accuracy", *modalities], rows))
+    signals = sorted({sig for x in report["mean_weights"] for sig in x["signals"]})
+    if signals:  # the scale of each quality signal: mean (std) per modality, clean and at the top level
+        scale = report["signal_scale"] or {}
+        srows = []
+        for sig in signals:
+            for x in (report["mean_weights"][0], report["mean_weights"][-1]):
+                per = x["signals"].get(sig, {})
+                srows.append([sig, f"{x['severity']:g}",
+                              *(f"{per[m]['mean']:.4g} ({per[m]['std']:.2g})" if m in per else "-" for m in modalities),
+                              f"{scale[sig]['mean']:.4g} / {scale[sig]['std']:.3g}" if sig in scale else "raw"])
+        console.print(_table("quality signals: mean (std) per modality; scheduler standardisation mean / std",
+                             ["signal", "severity", *modalities, "standardised by"], srows))
     err_console.print(f"[bold]weights folder[/] {out_dir}", highlight=False)

@@ -20,8 +20,9 @@ class WhiteNoise(Corruption):
     class Config(CorruptionConfig):
         max_snr: float = Field(40.0, description=(
             "SNR in dB as severity approaches 0; 40 dB is barely audible"))
-        min_snr: float = Field(0.0, description=(
-            "SNR in dB at severity 1; 0 dB means noise as loud as the signal"))
+        min_snr: float = Field(-20.0, description=(
+            "SNR in dB at severity 1; -20 dB means noise 100 times the signal's power, which "
+            "buries speech, so severity 1 removes most of the modality's information"))
 
         @model_validator(mode="after")
         def _ordered(self):

@@ -40,9 +40,9 @@ class Typos(Corruption):
     """Replace a fraction severity * max_rate of letters with a QWERTY neighbour (case kept)."""
 
     class Config(CorruptionConfig):
-        max_rate: float = Field(0.3, gt=0, le=1, description=(
-            "fraction of letters replaced at severity 1; 0.3 leaves most words unreadable "
-            "to an exact-match tokenizer while a human still guesses them"))
+        max_rate: float = Field(0.6, gt=0, le=1, description=(
+            "fraction of letters replaced at severity 1; at 0.6 a MiniLM caption head on "
+            "digits falls from 69% to ~13% (chance 10%)"))
 
     kinds = ("text",)
 

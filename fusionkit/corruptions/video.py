@@ -47,8 +47,9 @@ class FrameNoise(Corruption):
     """Gaussian noise on every frame with std = severity * max_std (pixel range [0, 1]), clipped."""
 
     class Config(CorruptionConfig):
-        max_std: float = Field(0.3, gt=0, description=(
-            "noise std at severity 1 in units of the [0, 1] pixel range (uint8 scaled by 255)"))
+        max_std: float = Field(2.0, gt=0, description=(
+            "noise std at severity 1 in units of the [0, 1] pixel range (uint8 scaled by 255); "
+            "2.0 as for image gaussian_noise, so severity 1 leaves little of each frame"))
 
     kinds = ("video",)
 

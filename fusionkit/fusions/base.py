@@ -71,9 +71,15 @@ class UnimodalHeads(nn.Module):
     :meth:`sample` runs T stochastic passes at once for MC-dropout.
     """
 
+    # buffers that checkpoints written before they existed may lack; their defaults are exact
+    optional_state = ("temperature",)
+
     def __init__(self, num_modalities: int, dim: int, hidden: int, num_classes: int, dropout: float):
         super().__init__()
         self.dropout = dropout
+        # per-head softmax temperature, fitted on the validation split after training
+        # (fusionkit.training.calibration); 1 = uncalibrated. Scorers read calibrated logits.
+        self.register_buffer("temperature", torch.ones(num_modalities))
         self.w1 = nn.Parameter(torch.empty(num_modalities, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_modalities, hidden))
         self.w2 = nn.Parameter(torch.empty(num_modalities, hidden, num_classes))
@@ -89,6 +95,10 @@ class UnimodalHeads(nn.Module):
     def output(self, a: Tensor) -> Tensor:
         """``a (..., B, M, hidden) -> (..., B, M, K)``."""
         return torch.einsum("...bmh,mhk->...bmk", a, self.w2) + self.b2
+
+    def calibrate(self, logits: Tensor) -> Tensor:
+        """``(..., B, M, K)`` logits divided by each head's temperature (argmax unchanged)."""
+        return logits / self.temperature.to(logits.dtype).unsqueeze(-1)
 
     def forward(self, z: Tensor) -> Tensor:
         """Logits ``(B, M, K)``; dropout follows the module's train/eval mode."""
@@ -108,11 +118,11 @@ class UnimodalHeads(nn.Module):
         a = a.unsqueeze(0).expand(passes, *a.shape)  # (T, B, M, h)
         drop = round(p * 256)
         if not drop:
-            return self.output(a).softmax(-1)  # (T, B, M, K)
+            return self.calibrate(self.output(a)).softmax(-1)  # (T, B, M, K)
         keep = random_bytes(a.shape, a.device) >= drop  # (T, B, M, h)
         scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul's output
         logits = torch.einsum("...bmh,mhk->...bmk", a * keep, self.w2) * scale + self.b2
-        return logits.softmax(-1)  # (T, B, M, K)
+        return self.calibrate(logits).softmax(-1)  # (T, B, M, K)
 
 
 def random_bytes(shape: torch.Size, device: torch.device) -> Tensor:

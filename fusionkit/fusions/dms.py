@@ -30,16 +30,26 @@ def mwcl(fused: Tensor, z: Tensor, weights: Tensor) -> Tensor:
 
 class DMSConfig(FusionConfig):
     scorers: list[Any] = component_field(
-        "scorers", ["confidence", "mc_dropout", "alignment"],
-        "quality signals; drop one (or zero its coefficient) for an ablation")
+        "scorers", ["confidence", "mc_dropout", "agreement"],
+        "quality signals; the paper's cosine 'alignment' is constant across modalities at M = 2 and "
+        "lowered robustness when added here (docs/benchmarks.md), so the default reads prediction "
+        "'agreement' instead; configs/presets/dms-paper.yaml has the paper's set")
     scheduler: Any = component_field(
-        "schedulers", {"name": "softmax"}, "softmax (rule) or mlp (learned)")
+        "schedulers", {"name": "softmax", "standardize": True, "temperature": 1.0},
+        "softmax rule on standardised signals (monotone: a less confident head never gains weight); "
+        "the learned mlp scheduler is best only when trained with train.augment, since without "
+        "corrupted examples it extrapolates arbitrarily (configs/presets/dms-robust.yaml)")
     mwcl_weight: float = Field(0.1, ge=0, description=(
         "lambda: pulls h towards each z_m in proportion to w_m, so the fused vector stays "
         "interpretable as a mix of unimodal ones"))
     detach_scores: bool = Field(True, description=(
         "stop gradients from the weights into the heads, so the task loss cannot make a head "
         "over-confident to win weight"))
+    route_weight: float = Field(1.0, ge=0, description=(
+        "supervise a learned scheduler with which heads were right: cross-entropy between the "
+        "weights and the uniform distribution over the correct present heads, on samples where "
+        "some but not all heads are right (scores stay detached, so only the scheduler learns); "
+        "ignored by a scheduler without parameters (the softmax rule)"))
 
 
 @register("fusions", "dms")
@@ -65,6 +75,8 @@ class DMSFusion(Fusion):
             from fusionkit.errors import ConfigError
             raise ConfigError(f"fusion.scorers: two scorers produce the same signal ({signals})")
         self.scheduler = build("schedulers", cfg.scheduler, "fusion.scheduler", signals=signals)
+        # the routing loss only trains a scheduler with parameters (mlp); the softmax rule has none
+        self.routes = cfg.route_weight > 0 and any(p.requires_grad for p in self.scheduler.parameters())
 
     def forward(self, z: dict[str, Tensor], mask: Tensor | None = None) -> FusionOutput:
         stacked, mask = stack_modalities(z, self.modalities, mask)  # (B, M, d), (B, M)
@@ -76,8 +88,9 @@ class DMSFusion(Fusion):
         detach = self.config.detach_scores
         if hidden is not None and detach:
             hidden = hidden.detach()
+        scored = self.heads.calibrate(unimodal_logits)  # (B, M, K): temperature-scaled for scoring
         ctx = ScoreContext(z=z.detach() if detach else z, mask=mask,
-                           logits=unimodal_logits.detach() if detach else unimodal_logits,
+                           logits=scored.detach() if detach else scored,
                            heads=self.heads, hidden=hidden)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
             scores = {s.signal: s(ctx) for s in self.scorers}  # each (B, M)
@@ -88,3 +101,24 @@ class DMSFusion(Fusion):
             losses["mwcl"] = self.config.mwcl_weight * mwcl(fused.float(), z.float(), weights.float())
         return FusionOutput(fused=fused, weights=weights, unimodal_logits=unimodal_logits, mask=mask,
                             z=z, modalities=self.modalities, scores=scores, extra_losses=losses)
+
+    def loss_terms(self, out: FusionOutput, target: Tensor) -> dict[str, Tensor]:
+        terms = super().loss_terms(out, target)
+        if self.routes:
+            terms["route"] = self.config.route_weight * route_loss(out.weights, out.unimodal_logits, target, out.mask)
+        return terms
+
+
+def route_loss(weights: Tensor, unimodal_logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy of the weights against "which present heads were right".
+
+    Target per sample: uniform over the present heads whose argmax is the true class. Samples
+    where no head or every present head is right carry no routing information and are left out
+    (0 when the batch has none). Shapes: ``weights (B, M)``, ``unimodal_logits (B, M, K)``.
+    """
+    right = (unimodal_logits.detach().argmax(-1) == target.unsqueeze(1)) & mask  # (B, M)
+    n_right = right.sum(1)  # (B,)
+    informative = ((n_right > 0) & (n_right < mask.sum(1))).float()  # (B,)
+    goal = right.float() / n_right.clamp_min(1).unsqueeze(1)  # (B, M)
+    ce = -(goal * weights.float().clamp_min(1e-8).log()).sum(1)  # (B,)
+    return (ce * informative).sum() / informative.sum().clamp_min(1)

@@ -35,7 +35,7 @@ class MLPScheduler(Scheduler):
 
     def forward(self, scores: dict[str, Tensor], mask: Tensor) -> Tensor:
         if self.signals:
-            feats = torch.stack([scores[s] for s in self.signals], dim=-1)  # (B, M, S)
+            feats = self.features(scores, mask)  # (B, M, S), standardised if configured
         else:
             feats = mask.unsqueeze(-1).float()  # (B, M, 1)
         feats = feats.to(self.mlp[0].weight.dtype)

@@ -69,6 +69,16 @@ def save_checkpoint(directory: Path, name: str, model: nn.Module, metadata: dict
     return weights
 
 
+def optional_keys(model: nn.Module) -> set[str]:
+    """State keys a checkpoint may lack: buffers a module lists in ``optional_state`` (added after
+    checkpoints were written; their initial value is the exact old behaviour, e.g. temperature 1)."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "optional_state", ()):
+            keys.add(f"{prefix}.{name}" if prefix else name)
+    return keys
+
+
 def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     """Load ``path`` (a ``.safetensors`` file) into ``model``; returns its JSON metadata."""
     path = Path(path)
@@ -77,6 +87,7 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
         raise RunDirError(f"checkpoint '{path}' is missing or incomplete (no {meta_path.name})")
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in optional_keys(model)]  # older checkpoints: defaults hold
     if missing or unexpected:
         raise RunDirError(f"checkpoint '{path}' does not fit this model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")

@@ -23,6 +23,8 @@ from fusionkit.errors import ConfigError, RunDirError
 from fusionkit.evaluation import collect, summarize
 from fusionkit.model import MultimodalModel, build_model
 from fusionkit.registry import build
+from fusionkit.training.augment import AugmentedSplit, resolve_augment
+from fusionkit.training.calibration import calibrate_heads
 from fusionkit.training.checkpoint import atomic_write_text, load_weights, save_checkpoint
 
 
@@ -87,20 +89,26 @@ def make_model(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
 def make_loader(model: MultimodalModel, split, cfg: RunConfig, shuffle: bool, seed: int = 0) -> DataLoader:
     encoders = {m: (PrecomputedEncoder(e.out_dim) if m in model.precomputed else e) for m, e in model.encoders.items()}
     generator = torch.Generator().manual_seed(seed)
+    # an augmented split draws new corruptions each epoch (set_epoch), which workers only see if
+    # they are re-created per epoch
+    persistent = cfg.train.num_workers > 0 and not isinstance(split, AugmentedSplit)
     return DataLoader(EncodedDataset(split, encoders), batch_size=cfg.train.batch_size, shuffle=shuffle,
                       num_workers=cfg.train.num_workers, collate_fn=Collate(encoders), generator=generator,
-                      persistent_workers=cfg.train.num_workers > 0)
+                      persistent_workers=persistent)
 
 
-def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBundle, console=None) -> CacheStats:
+def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBundle, console=None,
+                      exclude: set[str] = frozenset()) -> CacheStats:
     """Serve every frozen encoder's outputs from the on-disk cache (computing the missing ones).
 
     The splits of ``bundle`` are replaced by :class:`CachedSplit` views and the model is told to
-    skip those encoders; their weights stay in the model and its checkpoints.
+    skip those encoders; their weights stay in the model and its checkpoints. Modalities in
+    ``exclude`` (those ``train.augment`` rewrites) keep running their encoder.
     """
     root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else cache_root()
     stats = CacheStats()
-    frozen = [m for m, e in model.encoders.items() if not any(p.requires_grad for p in e.parameters())]
+    frozen = [m for m, e in model.encoders.items()
+              if m not in exclude and not any(p.requires_grad for p in e.parameters())]
     for name, split in list(bundle.splits.items()):
         feats = {m: precompute(model.encoders[m], cfg.model.encoders[m], split, m, root, stats,
                                batch_size=cfg.train.batch_size) for m in frozen}
@@ -161,6 +169,17 @@ class TrainResult:
     test: dict[str, Any]
     skipped: list[dict[str, Any]] = field(default_factory=list)  # rows left out (on_bad_sample=skip)
     cache: dict[str, Any] | None = None  # feature-cache hits/misses (train.cache_features)
+    calibration: dict[str, Any] | None = None  # per head: temperature, val ECE before/after (train.calibrate)
+
+
+def calibrate(fmodel, model: MultimodalModel, val_batches, fabric) -> dict[str, Any]:
+    """Fit each head's temperature on the validation batches and store it in the model."""
+    heads = model.fusion.heads
+    heads.temperature.fill_(1.0)
+    c = collect(fmodel, val_batches, fabric)
+    temps, report = calibrate_heads(c["unimodal_logits"], c["mask"], c["target"], model.modalities)
+    heads.temperature.copy_(temps.to(heads.temperature))
+    return report
 
 
 def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_progress: bool = True,
@@ -181,10 +200,15 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
 
     bundle = bundle or load_data(cfg)
     model = make_model(cfg, bundle)
+    augmentations = resolve_augment(cfg.train.augment, bundle.modalities)
     cache_stats = None
     if cfg.train.cache_features:
-        cache_stats = use_feature_cache(model, cfg, bundle, console if show_progress and rank0 else None)
-    train_loader = make_loader(model, bundle.splits["train"], cfg, shuffle=True, seed=cfg.seed)
+        rewritten = {a.modality for a in augmentations if a.changes_values}
+        cache_stats = use_feature_cache(model, cfg, bundle, console if show_progress and rank0 else None,
+                                        exclude=rewritten)
+    train_split = AugmentedSplit(bundle.splits["train"], augmentations, cfg.seed) if augmentations \
+        else bundle.splits["train"]
+    train_loader = make_loader(model, train_split, cfg, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(model, bundle.splits["val"], cfg, shuffle=False)
     test_loader = make_loader(model, bundle.splits["test"], cfg, shuffle=False)
 
@@ -204,6 +228,8 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
     with progress:
         epochs_task = progress.add_task("epochs", total=cfg.train.epochs, info="")
         for epoch in range(1, cfg.train.epochs + 1):
+            if isinstance(train_split, AugmentedSplit):
+                train_split.set_epoch(epoch)
             fmodel.train()
             sums: dict[str, float] = {}
             steps = 0
@@ -242,15 +268,23 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
             fabric.barrier()
             progress.update(epochs_task, advance=1, info=f"val acc {val['accuracy']:.3f} (best {best_val['accuracy']:.3f})")
 
-    load_weights(model, ckpt_dir / "best.safetensors")
+    best_meta = load_weights(model, ckpt_dir / "best.safetensors")
+    calibration = None
+    if cfg.train.calibrate:
+        calibration = calibrate(fmodel, model, track_skipped(val_loader, "val", seen_skipped), fabric)
+        if rank0:  # the best checkpoint now carries the temperatures
+            save_checkpoint(ckpt_dir, "best", model, {**best_meta, "calibration": calibration})
+        fabric.barrier()
     test = summarize(collect(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric), model.modalities)
     skipped = skipped_rows(bundle, seen_skipped)
-    result = TrainResult(run_dir, best_epoch, best_val, test, skipped)
+    result = TrainResult(run_dir, best_epoch, best_val, test, skipped, calibration=calibration)
     if cache_stats is not None:
         result.cache = {"hits": cache_stats.hits, "misses": cache_stats.misses, "by_modality": cache_stats.by_modality}
     if rank0:
-        atomic_write_text(run_dir / "results.json", json.dumps(
-            {"best_epoch": best_epoch, "val": best_val, "test": test}, indent=2))
+        record = {"best_epoch": best_epoch, "val": best_val, "test": test}
+        if calibration is not None:
+            record["calibration"] = calibration
+        atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
         if skipped:  # never a silent drop: every left-out row, with its reason
             atomic_write_text(run_dir / "skipped.json", json.dumps(
                 {"count": len(skipped), "rows": skipped}, indent=2))
