@@ -51,7 +51,7 @@ def augment(entries: list[tuple[str, float]], missing: float) -> str:
 SETTINGS = {
     "image-text": {
         "overrides": ["modalities=[image,text]", "model.encoders.image.image_size=16", "train.epochs={epochs}"],
-        "epochs": 10,
+        "epochs": 8,
         "augment": augment([("image:gaussian_noise", 0.25), ("image:occlusion", 0.15), ("text:typos", 0.25)], 0.15),
         "corruptions": {"image gaussian_noise": ["image:gaussian_noise"], "image occlusion": ["image:occlusion"],
                         "text typos": ["text:typos"], "image missing": ["missing:image"]},
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--epochs", type=int, default=None, help="override every setting's epochs (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-only", action="store_true", help="train the missing runs, skip evaluation "
+                    "(to train seeds in parallel processes, then evaluate all of them in one call)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -140,6 +142,8 @@ def main() -> None:
                     train_seconds[method].append(time.time() - t)
                 runs[method][seed] = str(run_dir)
                 print(f"[{sname}] trained {method} seed {seed}", flush=True)
+        if args.train_only:
+            continue
         reports = {}
         for cname, specs in setting["corruptions"].items():
             reports[cname] = [robustness_report([runs[m][s] for m in methods], specs, LEVELS,
@@ -150,8 +154,9 @@ def main() -> None:
                                       "reports": reports, "train_seconds": train_seconds,
                                       "minutes": (time.time() - t0) / 60}
         results_path.write_text(json.dumps(results, indent=1))
-    (out / "benchmarks.md").write_text(render(results))
-    print(render(results))
+    if results["settings"]:
+        (out / "benchmarks.md").write_text(render(results))
+        print(render(results))
 
 
 def _apply(raw: dict, overrides: list[str]) -> dict:

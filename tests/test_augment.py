@@ -104,6 +104,13 @@ def test_augmented_training_moves_weight_off_the_corrupted_modality(tmp_path):
     report = tmp_path / "w"
     proc = run_cli("weights", str(out), "--corrupt", "fou:gaussian_noise", "--levels", "0,1", "--out", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    levels = json.loads((report / "weights.json").read_text())["mean_weights"]
+    data = json.loads((report / "weights.json").read_text())
+    levels = data["mean_weights"]
     clean, noisy = levels[0]["mean_weights"]["fou"], levels[-1]["mean_weights"]["fou"]
     assert noisy < clean - 0.12 and noisy < 0.6 * clean, (clean, noisy)
+    # the report gives each signal's scale: per modality, and the scheduler's running statistics
+    assert set(data["signal_scale"]) == {"confidence", "uncertainty", "agreement"}
+    assert all(v["std"] > 0 for v in data["signal_scale"].values())
+    conf = [lv["signals"]["confidence"]["fou"]["mean"] for lv in levels]
+    assert conf[-1] < conf[0]  # the noised view's head is less confident
+    assert "quality signals" in proc.stdout and "standardised by" in proc.stdout

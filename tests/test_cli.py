@@ -19,6 +19,15 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     assert not list((tiny_run / "checkpoints").glob("*.tmp"))  # atomic writes leave no temp files
     results = json.loads((tiny_run / "results.json").read_text())
     assert set(results["test"]["unimodal_accuracy"]) == {"fou", "kar"}
+    # train.calibrate (default): one temperature per head, fitted on val and stored in best
+    from safetensors.torch import load_file
+
+    cal = results["calibration"]
+    assert set(cal) == {"fou", "kar"} and all(0.05 <= c["temperature"] <= 20 for c in cal.values())
+    assert all(c["ece_after"] <= c["ece_before"] + 1e-6 for c in cal.values())
+    stored = load_file(str(tiny_run / "checkpoints" / "best.safetensors"))["fusion.heads.temperature"]
+    assert stored.tolist() == pytest.approx([cal["fou"]["temperature"], cal["kar"]["temperature"]])
+    assert json.loads((tiny_run / "checkpoints" / "best.json").read_text())["calibration"] == cal
 
 
 def test_eval_json_is_stable_and_matches_training(tiny_run):
@@ -33,6 +42,7 @@ def test_eval_json_is_stable_and_matches_training(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())["test"]
     assert data["accuracy"] == pytest.approx(results["accuracy"])
     assert data["unimodal_accuracy"] == pytest.approx(results["unimodal_accuracy"])
+    assert data["unimodal_ece"] == pytest.approx(results["unimodal_ece"])  # calibrated heads, as trained
 
 
 def test_config_show_prints_the_resolved_config(tiny_run):
