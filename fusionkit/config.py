@@ -70,6 +70,8 @@ class RuntimeConfig(_Strict):
 class RunConfig(_Strict):
     seed: int = Field(0, description="seeds model init, shuffling and dropout")
     data: Any = Field(default_factory=lambda: {"name": "digits"}, description="dataset block")
+    task: Any = Field(None, description=(
+        "task block (classification, vqa, ...); None = the dataset's own task"))
     modalities: list[str] | None = Field(None, description="modalities to use; None = the dataset's default")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -185,7 +187,9 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
         "fusion": registry("fusions").resolve(cfg.model.fusion, "model.fusion"),
         "decoder": registry("decoders").resolve(cfg.model.decoder, "model.decoder"),
     })
-    return cfg.model_copy(update={"data": datasets.resolve(cfg.data, "data"),
+    task = cfg.task if cfg.task is not None else {"name": getattr(dataset, "task", "classification")}
+    task = registry("tasks").resolve(named(task, getattr(dataset, "task", "classification")), "task")
+    return cfg.model_copy(update={"data": datasets.resolve(cfg.data, "data"), "task": task,
                                   "modalities": sorted(modalities), "model": model})
 
 

@@ -22,8 +22,9 @@ def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 15) ->
 
 
 @torch.no_grad()
-def collect(model, loader, fabric=None, seed: int = 0) -> dict[str, Tensor]:
-    """Run ``model`` over ``loader`` in eval mode; gather logits, weights, masks and targets.
+def collect(model, loader, fabric=None, seed: int = 0, predict: bool = True) -> dict[str, Any]:
+    """Run ``model`` over ``loader`` in eval mode; gather weights, masks, probe outputs, targets and
+    (with ``predict``) the task's predictions (class probabilities, generated text, ...).
 
     MC-dropout stays stochastic in eval mode, so the RNG is seeded with ``seed`` (inside a
     forked RNG state, leaving the caller's untouched): evaluating a checkpoint twice, during
@@ -31,20 +32,27 @@ def collect(model, loader, fabric=None, seed: int = 0) -> dict[str, Tensor]:
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return _collect(model, loader, fabric)
+        return _collect(model, loader, fabric, predict)
 
 
-def _collect(model, loader, fabric) -> dict[str, Tensor]:
+def _unwrap(model):
+    return getattr(model, "module", model)  # Fabric / DDP wrappers keep the model as .module
+
+
+def _collect(model, loader, fabric, predict: bool) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unimodal", "unimodal_logits", "unimodal_probs",
+    core = _unwrap(model)
+    task = getattr(core, "task", None)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("unimodal", "unimodal_logits", "unimodal_probs",
                                                       "weights", "mask", "target", "index")}
+    listed: dict[str, list[Any]] = {}  # task predictions that are not tensors (generated text ...)
     scores: dict[str, list[Tensor]] = {}
-    heads = getattr(getattr(model, "fusion", None), "heads", None)  # Fabric forwards attributes
+    lm_loss: list[float] = []
+    heads = getattr(core.fusion, "heads", None)
     for batch in loader:
         out = model(batch)
         uni = out.fusion.unimodal_logits.float()  # (B, M, K)
-        parts["probs"].append(out.logits.float().softmax(-1))
         parts["unimodal"].append(uni.argmax(-1))
         parts["unimodal_logits"].append(uni)
         # the heads' probabilities as the scorers see them (temperature-scaled when calibrated)
@@ -55,35 +63,47 @@ def _collect(model, loader, fabric) -> dict[str, Tensor]:
         parts["mask"].append(out.fusion.mask)
         parts["target"].append(batch["target"])
         parts["index"].append(batch["index"])
+        if out.lm_loss is not None:
+            lm_loss.append(float(out.lm_loss) * len(batch["target"]))
+        if predict:
+            preds = task.predict(core, batch, out) if task is not None else {"probs": out.logits.float().softmax(-1)}
+            for key, value in preds.items():
+                if isinstance(value, Tensor):
+                    parts.setdefault(key, []).append(value)
+                else:
+                    listed.setdefault(key, []).extend(value)
     model.train(was_training)
-    result = {k: torch.cat(v).cpu() for k, v in parts.items()}
+    result: dict[str, Any] = {k: torch.cat(v).cpu() if v else torch.zeros(0) for k, v in parts.items()}
     result.update({f"score.{k}": torch.cat(v).cpu() for k, v in scores.items()})
     if fabric is not None and fabric.world_size > 1:
         result = {k: fabric.all_gather(v).flatten(0, 1).cpu() for k, v in result.items()}
+        if listed:  # strings cannot be all-gathered as tensors
+            import torch.distributed as dist
+
+            gathered = [None] * fabric.world_size
+            dist.all_gather_object(gathered, listed)
+            listed = {k: [x for part in gathered for x in part[k]] for k in listed}
+    result.update(listed)
+    n = len(result["target"])
+    result["lm_loss"] = sum(lm_loss) / n if lm_loss and n else None
     return result
 
 
-def summarize(c: dict[str, Tensor], modalities: list[str]) -> dict[str, Any]:
-    """The stable evaluation record (``fusionkit eval --json``): accuracy, unimodal_accuracy,
-    mean_weights, n, plus nll, ece and unimodal_ece (each head's ECE, calibrated if fitted)."""
-    target, mask = c["target"], c["mask"]
-    pred = c["probs"].argmax(1)
-    uni_acc, uni_ece, mean_w = {}, {}, {}
-    for j, m in enumerate(modalities):
-        have = mask[:, j]
-        uni_acc[m] = float((c["unimodal"][have, j] == target[have]).float().mean()) if have.any() else None
-        uni_ece[m] = expected_calibration_error(c["unimodal_probs"][have, j], target[have]) if have.any() else None
-        mean_w[m] = float(c["weights"][:, j].mean())
-    nll = float(-c["probs"].clamp_min(1e-12).log().gather(1, target[:, None]).mean())
-    return {
-        "accuracy": float((pred == target).float().mean()),
-        "unimodal_accuracy": uni_acc,
-        "mean_weights": mean_w,
-        "n": int(len(target)),
-        "nll": nll,
-        "ece": expected_calibration_error(c["probs"], target),
-        "unimodal_ece": uni_ece,
-    }
+def evaluate(model, loader, fabric=None, seed: int = 0) -> dict[str, Any]:
+    """The evaluation record of ``model``'s task on ``loader`` (``fusionkit eval --json``)."""
+    c = collect(model, loader, fabric, seed)
+    core = _unwrap(model)
+    return summarize(c, core.modalities, getattr(core, "task", None))
+
+
+def summarize(c: dict[str, Any], modalities: list[str], task=None) -> dict[str, Any]:
+    """The stable evaluation record: accuracy (the task's main metric), unimodal_accuracy,
+    mean_weights, n, plus the task's own metrics (classification: nll, ece, unimodal_ece)."""
+    if task is None:
+        from fusionkit.tasks.classification import ClassificationTask
+
+        task = ClassificationTask()
+    return task.summarize(c, modalities)
 
 
 def signal_stats(c: dict[str, Tensor], modalities: list[str]) -> dict[str, dict[str, dict[str, float]]]:

@@ -1,27 +1,43 @@
 """The composed model: encoders -> projectors -> fusion -> decoder, plus its losses.
 
-Components are built outside (by the registry) and passed in, as in TorchMultimodal.
+Components are built outside (by the registry) and passed in, as in TorchMultimodal. The task
+(:mod:`fusionkit.tasks`) is a plain object the model carries so that everything holding a model
+(trainer, evaluation, robustness, CLI) reaches the matching loss, decoding and metrics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusionkit.decoders.base import Decoder
-from fusionkit.encoders.base import Encoder, ModalitySpec
+from fusionkit.encoders.base import Encoder, EncoderOutput, ModalitySpec
 from fusionkit.fusions.base import Fusion, FusionOutput
 from fusionkit.registry import build
 
 
 @dataclass
+class Tokens:
+    """One modality's token sequence for a whole batch (rows of samples lacking it are masked).
+
+    Attributes:
+        tokens: ``(B, L_m, token_dim)``, zero where not real.
+        mask: ``(B, L_m)`` bool, False for padding and for every position of a sample lacking m.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+
+
+@dataclass
 class ModelOutput:
-    logits: Tensor  # (B, K)
+    logits: Tensor | None  # (B, K) class logits; None for generative decoders
     fusion: FusionOutput
+    tokens: dict[str, Tokens] = field(default_factory=dict)  # per modality, when the decoder reads tokens
+    lm_loss: Tensor | None = None  # generative decoders: teacher-forced loss on the target text
 
 
 class MultimodalModel(nn.Module):
@@ -30,11 +46,12 @@ class MultimodalModel(nn.Module):
     Args:
         encoders: one encoder per modality.
         fusion: a fusion policy over the same modalities.
-        decoder: maps the fused ``(B, d)`` vector to the task output.
+        decoder: maps the fused output to the task output (class logits, or text).
         dim: shared width d.
+        task: the task object (loss, decoding, metrics); optional for embedding the model.
     """
 
-    def __init__(self, encoders: dict[str, Encoder], fusion: Fusion, decoder: Decoder, dim: int):
+    def __init__(self, encoders: dict[str, Encoder], fusion: Fusion, decoder: Decoder, dim: int, task=None):
         super().__init__()
         self.modalities = sorted(encoders)
         self.dim = dim
@@ -45,42 +62,110 @@ class MultimodalModel(nn.Module):
             {m: nn.Sequential(nn.Linear(e.out_dim, dim), nn.LayerNorm(dim)) for m, e in encoders.items()})
         self.fusion = fusion
         self.decoder = decoder
+        self.task = task
         # modalities whose batches already hold the (frozen) encoder's features, served from the
         # on-disk feature cache; their encoders are skipped but stay in the state dict
         self.precomputed: set[str] = set()
 
-    def encode(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """``{m: z_m (B, d)}``; rows of samples lacking m stay zero (and are masked)."""
+    @property
+    def needs_tokens(self) -> bool:
+        return bool(getattr(self.decoder, "needs_tokens", False))
+
+    def encode(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tokens]]:
+        """``({m: z_m (B, d)}, {m: Tokens})``; rows of samples lacking m stay zero (and are masked).
+
+        Tokens are only computed when the decoder reads them.
+        """
         B = batch["mask"].shape[0]
         ref = next(p for p in self.projectors.parameters())
-        z = {}
+        want_tokens = self.needs_tokens
+        z, tokens = {}, {}
         for m in self.modalities:
             out = torch.zeros(B, self.dim, dtype=ref.dtype, device=ref.device)  # (B, d)
             x = batch["inputs"][m]
+            enc: EncoderOutput | None = None
             if x is not None:
-                feats = x if m in self.precomputed else self.encoders[m](x)  # (n_present, d_m)
-                zm = self.projectors[m](feats.to(ref.dtype))  # (n_present, d)
-                out = out.index_copy(0, batch["rows"][m].to(ref.device), zm.to(out.dtype))
+                if isinstance(x, EncoderOutput):  # cached pooled features + tokens
+                    enc = x
+                elif m in self.precomputed:  # cached pooled features only
+                    enc = EncoderOutput(pooled=x, tokens=x.unsqueeze(1),
+                                        token_mask=torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device))
+                elif want_tokens:
+                    enc = self.encoders[m].encode(x)
+                else:
+                    enc = EncoderOutput(pooled=self.encoders[m](x), tokens=None, token_mask=None)
+                zm = self.projectors[m](enc.pooled.to(ref.dtype))  # (n_present, d)
+                rows = batch["rows"][m].to(ref.device)
+                out = out.index_copy(0, rows, zm.to(out.dtype))
             z[m] = out
-        return z
+            if want_tokens:
+                tokens[m] = self._scatter_tokens(enc, batch["rows"][m] if x is not None else None, B, m, ref)
+        return z, tokens
+
+    def _scatter_tokens(self, enc: EncoderOutput | None, rows: Tensor | None, B: int, m: str, ref: Tensor) -> Tokens:
+        """Place the present samples' tokens at their batch rows: ``(B, L_m, token_dim)`` + mask."""
+        width = self.encoders[m].token_dim
+        if enc is None:  # nobody in the batch has m: one masked placeholder position
+            return Tokens(torch.zeros(B, 1, width, dtype=ref.dtype, device=ref.device),
+                          torch.zeros(B, 1, dtype=torch.bool, device=ref.device))
+        rows = rows.to(ref.device)
+        n, L, _ = enc.tokens.shape
+        tok = torch.zeros(B, L, enc.tokens.shape[-1], dtype=ref.dtype, device=ref.device)  # (B, L, token_dim)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=ref.device)  # (B, L)
+        tok = tok.index_copy(0, rows, enc.tokens.to(ref.dtype))
+        mask = mask.index_copy(0, rows, enc.token_mask.to(ref.device))
+        return Tokens(tok, mask)
 
     def forward(self, batch: dict[str, Any]) -> ModelOutput:
-        fused = self.fusion(self.encode(batch), batch["mask"])
+        z, tokens = self.encode(batch)
+        fused = self.fusion(z, batch["mask"])
+        if getattr(self.decoder, "generative", False):
+            # teacher-forced loss on the target text when the batch carries one (training, validation)
+            lm_loss = self.decoder(fused, tokens, batch) if "answer_text" in batch else None
+            return ModelOutput(logits=None, fusion=fused, tokens=tokens, lm_loss=lm_loss)
         logits = fused.logits if fused.logits is not None else self.decoder(fused.fused)  # (B, K)
-        return ModelOutput(logits=logits, fusion=fused)
+        return ModelOutput(logits=logits, fusion=fused, tokens=tokens)
 
-    def loss_terms(self, out: ModelOutput, target: Tensor) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], fused: FusionOutput | None = None) -> list[str]:
+        """Text for each sample of ``batch`` (generative decoders only)."""
+        if not getattr(self.decoder, "generative", False):
+            raise TypeError(f"decoder '{type(self.decoder).__name__}' does not generate text")
+        z, tokens = self.encode(batch)
+        fused = fused if fused is not None else self.fusion(z, batch["mask"])
+        return self.decoder.generate(fused, tokens, batch)
+
+    def loss_terms(self, out: ModelOutput, batch_or_target: dict[str, Any] | Tensor) -> dict[str, Tensor]:
         """``task`` + the fusion's own terms (``aux`` = mu * unimodal CE, ``mwcl``, ...)."""
-        terms = {"task": F.cross_entropy(out.logits.float(), target)}
-        terms.update(self.fusion.loss_terms(out.fusion, target))
+        if isinstance(batch_or_target, Tensor):  # embedding use without a task: classification
+            batch = {"target": batch_or_target}
+        else:
+            batch = batch_or_target
+        if self.task is not None:
+            task_term = self.task.loss(out, batch)
+        else:
+            task_term = torch.nn.functional.cross_entropy(out.logits.float(), batch["target"])
+        terms = {"task": task_term}
+        terms.update(self.fusion.loss_terms(out.fusion, batch["target"]))
         return terms
 
+    def external_state(self) -> set[str]:
+        """State-dict keys rebuilt from the config rather than saved (a frozen pretrained LM)."""
+        keys = getattr(self.decoder, "external_state", lambda: set())()
+        return {f"decoder.{k}" for k in keys}
 
-def build_model(model_cfg, specs: dict[str, ModalitySpec], modalities: list[str], num_classes: int) -> MultimodalModel:
-    """Build encoders, fusion and decoder from a resolved :class:`fusionkit.config.ModelConfig`."""
+
+def build_model(model_cfg, specs: dict[str, ModalitySpec], modalities: list[str], task) -> MultimodalModel:
+    """Build encoders, fusion and decoder from a resolved :class:`fusionkit.config.ModelConfig`.
+
+    ``task`` is a set-up task (its probe space sizes the unimodal heads and the classifier).
+    """
+    K = task.num_probe_classes
     encoders = {m: build("encoders", model_cfg.encoders[m], f"model.encoders.{m}", spec=specs[m])
                 for m in sorted(modalities)}
     fusion = build("fusions", model_cfg.fusion, "model.fusion", modalities=sorted(modalities),
-                   dim=model_cfg.dim, num_classes=num_classes)
-    decoder = build("decoders", model_cfg.decoder, "model.decoder", dim=model_cfg.dim, num_classes=num_classes)
-    return MultimodalModel(encoders, fusion, decoder, model_cfg.dim)
+                   dim=model_cfg.dim, num_classes=K)
+    decoder = build("decoders", model_cfg.decoder, "model.decoder", dim=model_cfg.dim, num_classes=K)
+    if getattr(decoder, "needs_tokens", False):
+        decoder.attach({m: encoders[m].token_dim for m in sorted(modalities)})
+    return MultimodalModel(encoders, fusion, decoder, model_cfg.dim, task)

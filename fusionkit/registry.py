@@ -65,8 +65,9 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.fusions.tmc",
         "fusionkit.fusions.qmf",
     ),
-    "decoders": ("fusionkit.decoders.classifier",),
-    "datasets": ("fusionkit.datasets.digits", "fusionkit.datasets.manifest"),
+    "decoders": ("fusionkit.decoders.classifier", "fusionkit.decoders.llava"),
+    "tasks": ("fusionkit.tasks.classification", "fusionkit.tasks.vqa"),
+    "datasets": ("fusionkit.datasets.digits", "fusionkit.datasets.manifest", "fusionkit.datasets.easy_vqa"),
     "corruptions": (
         "fusionkit.corruptions.image",
         "fusionkit.corruptions.gaussian_noise",
@@ -85,6 +86,7 @@ _NOUNS = {
     "schedulers": "a scheduler",
     "fusions": "a fusion",
     "decoders": "a decoder",
+    "tasks": "a task",
     "datasets": "a dataset",
     "corruptions": "a corruption",
 }

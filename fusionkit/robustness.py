@@ -328,7 +328,7 @@ def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
 
         def evaluate(severity: float) -> dict[str, Any]:
             c = collect_corrupted(model, cfg, data, cspecs, severity, seed=seed, protocol=protocol, p=p_value)
-            return summarize(c, model.modalities)
+            return summarize(c, model.modalities, model.task)
 
         results = {s: evaluate(s) for s in levels}
         clean = results[0.0] if 0.0 in results else evaluate(0.0)
@@ -468,7 +468,7 @@ def weight_report(run_dir: str | Path, specs: Sequence[str], levels: Sequence[fl
         collected[0.0] = collect_corrupted(model, cfg, data, cspecs, 0.0, seed=seed)
     per_level = []
     for s in levels:
-        summary = summarize(collected[s], model.modalities)
+        summary = summarize(collected[s], model.modalities, model.task)
         per_level.append({"severity": s, "mean_weights": summary["mean_weights"], "accuracy": summary["accuracy"],
                           "signals": signal_stats(collected[s], model.modalities)})
     top = levels[-1]

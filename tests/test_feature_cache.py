@@ -1,4 +1,4 @@
-"""The on-disk feature cache of frozen encoders: hits, misses, invalidation, exactness."""
+"""The on-disk feature cache of frozen encoders: hits, misses, invalidation, exactness, tokens."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from fusionkit import build
-from fusionkit.data.cache import CacheStats, CachedSplit, content_key, encoder_key, precompute
+from fusionkit.data.cache import (
+    CacheStats,
+    CachedSplit,
+    FeatureCache,
+    PrecomputedEncoder,
+    content_key,
+    encoder_key,
+    precompute,
+)
 from fusionkit.datasets.base import MultimodalSplit
-from fusionkit.encoders.base import ModalitySpec
+from fusionkit.encoders.base import EncoderOutput, ModalitySpec
 
 
 def _split(texts):
@@ -64,6 +72,82 @@ def test_cached_split_serves_features_and_keeps_other_modalities():
     assert torch.equal(item["inputs"]["text"], torch.ones(4))
     assert np.array_equal(item["inputs"]["v"], np.ones(3))
     assert len(cached) == 2
+
+
+TEXTS = ["a seven", None, "a handwritten seven on a scanned form", "two", "a seven"]
+
+
+def test_token_cache_round_trip_equals_the_live_encoder(tmp_path):
+    enc = build("encoders", "hf_text", spec=ModalitySpec("text"))
+    block = {"name": "hf_text"}
+    split = MultimodalSplit({"text": TEXTS}, list(range(len(TEXTS))))
+    stats = CacheStats()
+    feats = precompute(enc, block, split, "text", tmp_path, stats, batch_size=2, tokens=True)
+    assert feats[1] is None and (stats.hits, stats.misses) == (1, 3)  # the repeated text hits the first batch
+    enc.eval()
+    with torch.no_grad():
+        for text, feat in zip(TEXTS, feats):
+            if text is None:
+                continue
+            live = enc.encode(enc.collate([text]))
+            pooled, tokens = feat
+            assert torch.allclose(pooled, live.pooled[0], atol=1e-5)
+            assert tokens.shape == (int(live.token_mask.sum()), 384)  # real tokens only
+            assert torch.allclose(tokens, live.tokens[0][live.token_mask[0]], atol=1e-5)
+    # a second pass reads every entry back, unchanged
+    stats2 = CacheStats()
+    again = precompute(enc, block, split, "text", tmp_path, stats2, tokens=True)
+    assert (stats2.hits, stats2.misses) == (4, 0)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, feats) if a is not None)
+    # through CachedSplit and PrecomputedEncoder: the same batch as encoding the texts together
+    present = [i for i, t in enumerate(TEXTS) if t is not None]
+    cached = CachedSplit(split, {"text": again})
+    stand_in = PrecomputedEncoder(enc.out_dim, token_dim=enc.token_dim)
+    batch = stand_in.collate([stand_in.preprocess(cached[i]["inputs"]["text"]) for i in present])
+    with torch.no_grad():
+        live = enc.encode(enc.collate([TEXTS[i] for i in present]))
+    assert isinstance(batch, EncoderOutput)
+    assert batch.tokens.shape == live.tokens.shape == (4, 10, 384)  # right-padded to the longest text
+    assert torch.equal(batch.token_mask, live.token_mask)
+    assert torch.allclose(batch.pooled, live.pooled, atol=1e-5)
+    assert torch.allclose(batch.tokens, live.tokens, atol=1e-5)  # zeros on padding in both
+
+
+def test_token_and_pooled_entries_of_one_encoder_never_collide(tmp_path):
+    torch.manual_seed(0)
+    enc = build("encoders", {"name": "mlp", "trainable": False}, spec=ModalitySpec("vector", dim=3))
+    block = {"name": "mlp"}
+    split_v = MultimodalSplit({"v": [np.arange(3, dtype=np.float32), np.ones(3, dtype=np.float32)]}, [0, 1])
+    pooled_stats, token_stats = CacheStats(), CacheStats()
+    pooled = precompute(enc, block, split_v, "v", tmp_path, pooled_stats)
+    tokens = precompute(enc, block, split_v, "v", tmp_path, token_stats, tokens=True)
+    assert (pooled_stats.misses, token_stats.hits, token_stats.misses) == (2, 0, 2)  # no cross-reads
+    assert isinstance(pooled[0], torch.Tensor) and isinstance(tokens[0], tuple)
+    assert tokens[0][1].shape == (1, 256)  # mlp: the pooled vector as its one token
+    assert all(torch.equal(p, t[0]) and torch.equal(p, t[1][0]) for p, t in zip(pooled, tokens))
+    cache = FeatureCache(tmp_path, encoder_key(enc, block))
+    key = content_key(split_v[0]["inputs"]["v"])
+    assert cache.path(key) != cache.path(key, tokens=True)
+    assert cache.path(key).is_file() and cache.path(key, tokens=True).is_file()
+    assert sorted(p.name.split(".", 1)[1] for p in cache.dir.iterdir()) == ["npy", "npy", "tokens.npz", "tokens.npz"]
+    # each kind still reads back as itself, and a damaged token entry is recomputed
+    entry = cache.path(key, tokens=True)
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated: a zip without its directory
+    again_stats = CacheStats()
+    again = precompute(enc, block, split_v, "v", tmp_path, again_stats, tokens=True)
+    assert (again_stats.hits, again_stats.misses) == (1, 1)
+    assert torch.allclose(again[0][0], tokens[0][0], atol=1e-6)  # recomputed alone, not in a batch of 2
+    assert all(isinstance(f, torch.Tensor) for f in precompute(enc, block, split_v, "v", tmp_path, CacheStats()))
+
+
+def test_precomputed_encoder_pads_tokens_only_when_asked():
+    plain = PrecomputedEncoder(4)
+    assert torch.equal(plain.collate([torch.zeros(4), torch.ones(4)]), torch.stack([torch.zeros(4), torch.ones(4)]))
+    stand_in = PrecomputedEncoder(4, token_dim=3)
+    out = stand_in.collate([(torch.zeros(4), torch.ones(2, 3)), (torch.ones(4), torch.full((5, 3), 2.0))])
+    assert out.pooled.shape == (2, 4) and out.tokens.shape == (2, 5, 3)
+    assert out.token_mask.tolist() == [[True, True, False, False, False], [True] * 5]
+    assert out.tokens[0, 2:].abs().sum() == 0 and (out.tokens[1] == 2).all()
 
 
 def test_cached_training_gives_the_same_model_and_hits_on_the_second_run(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fusionkit.encoders.base import ModalitySpec
+from conftest import ENCODER_SAMPLES, ENCODER_SPECS, TINY_ENCODERS
 from fusionkit.errors import ConfigError, RegistryError
 from fusionkit.fusions.base import UnimodalHeads
 from fusionkit.registry import REGISTRIES, Registry, build, registry
@@ -14,37 +14,10 @@ from fusionkit.scorers.base import ScoreContext
 
 B, M, D, K = 4, 3, 16, 5
 
-TINY_CLIP = {  # open_clip ViT with one block per tower, random init
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 # Overrides that keep a component tiny; everything else runs with its defaults.
-TINY = {
-    ("encoders", "timm"): {"model_name": "test_resnet", "image_size": 32},
-    ("encoders", "open_clip_image"): {"model_cfg": TINY_CLIP},
-    ("encoders", "open_clip_text"): {"model_cfg": TINY_CLIP},
-    ("encoders", "mel_cnn"): {"model_name": "test_resnet", "n_mels": 32},
-    ("encoders", "hf_audio"): {"config": {
-        "model_type": "wav2vec2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 37, "conv_dim": [32, 32], "conv_kernel": [10, 3], "conv_stride": [5, 2],
-        "num_feat_extract_layers": 2, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}},
-    ("encoders", "frames"): {"image": {"name": "timm", "model_name": "test_resnet", "image_size": 32},
-                             "num_frames": 4},
-    ("encoders", "hf_video"): {"config": {
-        "model_type": "videomae", "image_size": 32, "patch_size": 16, "num_frames": 4, "tubelet_size": 2,
-        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}},
-}
-SAMPLES = {  # one raw sample per modality kind
-    "image": lambda: torch.rand(20, 18).numpy(),
-    "text": lambda: "a handwritten seven",
-    "vector": lambda: torch.randn(12).numpy(),
-    "audio": lambda: (0.1 * torch.randn(1, 4000)).numpy(),  # (C, T): 0.25 s at 16 kHz
-    "video": lambda: torch.randint(0, 256, (5, 20, 24, 3), dtype=torch.uint8).numpy(),  # (F, H, W, C)
-}
-SPECS = {"image": ModalitySpec("image", channels=1), "text": ModalitySpec("text"),
-         "vector": ModalitySpec("vector", dim=12),
-         "audio": ModalitySpec("audio", extra={"sample_rate": 16000}),
-         "video": ModalitySpec("video", channels=3)}
+TINY = {("encoders", name): overrides for name, overrides in TINY_ENCODERS.items()}
+TINY[("datasets", "easy_vqa")] = {"max_train_questions": 60, "max_test_questions": 20}
+SAMPLES, SPECS = ENCODER_SAMPLES, ENCODER_SPECS  # one raw sample and spec per modality kind
 SKIP_KINDS = {"corruptions", "datasets"}  # own parametrised tests (test_corruptions, below)
 
 
@@ -57,7 +30,7 @@ def _components():
 
 
 @pytest.mark.parametrize("kind,name", list(_components()))
-def test_every_component_builds_and_runs(kind, name):
+def test_every_component_builds_and_runs(kind, name, request):
     block = {"name": name, **TINY.get((kind, name), {})}
     torch.manual_seed(0)
     if kind == "encoders":
@@ -94,16 +67,79 @@ def test_every_component_builds_and_runs(kind, name):
         w = sch({s: torch.rand(B, M) for s in signals}, mask)
         assert w.shape == (B, M) and (w[:, 2] == 0).all()
         assert w.sum(1).tolist() == pytest.approx([1.0] * B)
+    elif kind == "decoders" and getattr(registry(kind).get(name), "generative", False):
+        _check_generative_decoder(block, request)
     elif kind == "decoders":
         dec = build(kind, block, dim=D, num_classes=K)
         assert dec(torch.randn(B, D)).shape == (B, K)
+    elif kind == "tasks":
+        _check_task(name, build(kind, block))
     else:
         pytest.fail(f"kind '{kind}' has no registry-wide test: add a branch here")
 
 
+def _check_generative_decoder(block, request):
+    """A text decoder on a tiny random Llama: finite teacher-forced loss, one string per sample."""
+    from fusionkit.model import Tokens
+
+    if "lm" in registry("decoders").get(block["name"]).Config.model_fields:
+        block["lm"] = str(request.getfixturevalue("tiny_lm"))
+    dec = build("decoders", {**block, "max_new_tokens": 2}, dim=D, num_classes=K)
+    widths = {"a": 8, "b": 6, "c": 4}
+    if getattr(dec, "needs_tokens", False):
+        dec.attach(widths)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    fused = build("fusions", "mean", modalities=["a", "b", "c"], dim=D, num_classes=K)(
+        {m: torch.randn(B, D) for m in "abc"}, mask)
+    tokens = {}
+    for j, (m, width) in enumerate(widths.items()):
+        lengths = torch.tensor([3, 1, 2, 3]) * mask[:, j]  # (B,): different valid lengths, 0 when missing
+        tmask = torch.arange(3) < lengths[:, None]  # (B, 3)
+        tokens[m] = Tokens(torch.randn(B, 3, width) * tmask.unsqueeze(-1), tmask)
+    loss = dec(fused, tokens, {"answer_text": ["red", "a triangle", "no", "yes"]})
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    trained = [p for p in dec.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    texts = dec.generate(fused, tokens)
+    assert isinstance(texts, list) and len(texts) == B and all(isinstance(t, str) for t in texts)
+
+
+def _check_task(name, task):
+    """Set the task up on a tiny hand-made bundle, then collate one batch of its targets."""
+    from fusionkit.datasets.base import DatasetBundle, MultimodalSplit
+    from fusionkit.tasks.base import IGNORE
+
+    if name == "classification":
+        train, classes = [0, 2, 1, 2], ["a", "b", "c"]
+        batch, probe, expected = [2, 0, 1, 1], ["a", "b", "c"], [2, 0, 1, 1]
+    elif name == "vqa":
+        train, classes = [{"answers": ["Red."], "type": "color"}, {"answers": ["red", "red", "blue"], "type": "color"},
+                          {"answers": ["yes"], "type": "yes/no"}, {"answers": ["no"], "type": "yes/no"},
+                          {"answers": ["yes"], "type": "yes/no"}, {"answers": [], "type": None}], []
+        batch = [{"answers": ["no"], "type": "yes/no"}, {"answers": ["purple"], "type": "color"},
+                 {"answers": ["the Red", "blue"], "type": "color"}, {"answers": ["yes"], "type": "yes/no"}]
+        probe, expected = ["red", "yes", "no"], [2, IGNORE, 0, 1]  # by frequency, ties by name
+    else:
+        pytest.fail(f"task '{name}' has no registry-wide test: add a tiny bundle here")
+    split = MultimodalSplit({"x": [None] * len(train)}, train)
+    task.setup(DatasetBundle({"train": split}, classes=classes, modalities={}))
+    assert task.probe_classes == probe and task.num_probe_classes == len(probe)
+    out = task.collate_targets(batch)
+    target = out["target"]
+    assert target.dtype == torch.long and target.shape == (B,)
+    assert ((target >= 0) & (target < len(probe)) | (target == IGNORE)).all()
+    assert target.tolist() == expected
+    if name == "vqa":
+        assert out["answers"] == [t["answers"] for t in batch]
+        assert out["answer_text"] == ["no", "purple", "red", "yes"]  # what the LM is taught: normalised
+        assert out["types"] == ["yes/no", "color", "color", "yes/no"]
+        assert "answer_text" not in task.collate_targets([None, {"answers": ["no"]}, None, None])
+
+
 @pytest.mark.parametrize("name", registry("datasets").names())
 def test_every_dataset_loads_with_disjoint_splits(name, tmp_path):
-    block = {"name": name}
+    block = {"name": name, **TINY.get(("datasets", name), {})}
     if name == "manifest":  # reads files: use the offline demo dataset (tones, no espeak-ng)
         from fusionkit.data.demo import write_demo
 
@@ -115,7 +151,11 @@ def test_every_dataset_loads_with_disjoint_splits(name, tmp_path):
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     item = bundle.splits["train"][0]
     assert set(item["inputs"]) == set(bundle.modalities)
-    assert 0 <= item["target"] < len(bundle.classes)
+    if bundle.info.get("task", "classification") == "vqa":  # VQA targets: reference answers
+        assert item["target"]["answers"] and all(isinstance(a, str) and a for a in item["target"]["answers"])
+        assert bundle.info["question_modality"] in bundle.modalities
+    else:
+        assert 0 <= item["target"] < len(bundle.classes)
 
 
 def test_unknown_name_suggests_the_closest():

@@ -65,7 +65,8 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
           cache_features, overrides):
     """Train a model; OVERRIDES are key.path=value pairs (e.g. train.lr=3e-4)."""
     from fusionkit.config import apply_override, load_raw, resolve
-    from fusionkit.training.trainer import load_data, next_free_dir, prepare_run_dir, train as run_train
+    from fusionkit.training.trainer import load_data, next_free_dir, prepare_run_dir, seed_and_build
+    from fusionkit.training.trainer import train as run_train
 
     raw = load_raw(config_path)
     if fusion:
@@ -87,7 +88,8 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
     for item in [*extra, *overrides]:
         apply_override(raw, item)
     cfg = resolve(raw)
-    bundle = load_data(cfg)  # before the run folder exists: bad data leaves nothing behind
+    bundle = load_data(cfg)  # before the run folder exists: bad data or a bad model leaves nothing behind
+    model = seed_and_build(cfg, bundle)
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("FUSIONKIT_RUN_DIR"):
         # a DDP worker re-launched by Fabric: rank 0 already chose and created the folder
         run_dir = Path(os.environ["FUSIONKIT_RUN_DIR"])
@@ -99,7 +101,7 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
     os.environ["FUSIONKIT_RUN_DIR"] = str(run_dir.resolve())
     if os.environ.get("LOCAL_RANK", "0") == "0":
         err_console.print(f"[bold]run folder[/] {run_dir}")
-    result = run_train(cfg, run_dir, console=err_console, show_progress=not no_progress, bundle=bundle)
+    result = run_train(cfg, run_dir, console=err_console, show_progress=not no_progress, bundle=bundle, model=model)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         _print_result_table(result.test, f"test results (best epoch {result.best_epoch}) - {run_dir}",
                             result.calibration)
@@ -131,16 +133,24 @@ def _print_result_table(metrics: dict, title: str, calibration: dict | None = No
     if calibration:
         table.add_column("temperature", justify="right")
         table.add_column("val ECE before -> after", justify="right")
-    table.add_row("[bold]fused[/]", f"{metrics['accuracy']:.4f}", "", f"{metrics['ece']:.4f}")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    generative = "vqa_accuracy" in metrics
+    table.add_row("[bold]fused[/]" + (" (generated answers)" if generative else ""), fmt(metrics["accuracy"]), "",
+                  fmt(metrics.get("ece")))
     for m, acc in metrics["unimodal_accuracy"].items():
-        row = [f"{m} head", fmt(acc), f"{metrics['mean_weights'][m]:.3f}", fmt(metrics.get("unimodal_ece", {}).get(m))]
+        row = [f"{m} {'probe' if generative else 'head'}", fmt(acc), f"{metrics['mean_weights'][m]:.3f}",
+               fmt(metrics.get("unimodal_ece", {}).get(m))]
         if calibration:
             c = calibration.get(m, {})
             row += [f"{c.get('temperature', 1.0):.3f}", f"{fmt(c.get('ece_before'))} -> {fmt(c.get('ece_after'))}"]
         table.add_row(*row)
     console.print(table)
-    console.print(f"n={metrics['n']}  nll={metrics['nll']:.4f}  ece={metrics['ece']:.4f}")
+    if generative:
+        per_type = "  ".join(f"{t}={v['accuracy']:.4f} (n={v['n']})" for t, v in metrics.get("per_type", {}).items())
+        console.print(f"n={metrics['n']}  vqa_accuracy={metrics['vqa_accuracy']:.4f}  "
+                      f"exact_match={metrics['exact_match']:.4f}  answer nll={fmt(metrics['nll'])}  {per_type}")
+    else:
+        console.print(f"n={metrics['n']}  nll={metrics['nll']:.4f}  ece={metrics['ece']:.4f}")
 
 
 # -- eval ----------------------------------------------------------------------------------
@@ -157,7 +167,7 @@ def eval_cmd(run_dir, split, checkpoint, as_json):
     cfg, bundle, model = load_run(Path(run_dir), checkpoint)
     loader = make_loader(model, bundle.splits[split], cfg, shuffle=False)
     seen: dict = {}
-    metrics = summarize(collect(model, track_skipped(loader, split, seen)), model.modalities)
+    metrics = summarize(collect(model, track_skipped(loader, split, seen)), model.modalities, model.task)
     _print_skipped([r for r in skipped_rows(bundle, seen) if r.get("split") in (split, None)], None)
     metrics = {"split": split, **metrics}
     if as_json:
@@ -213,6 +223,9 @@ cli.add_command(robustness)
 cli.add_command(weights)
 
 from fusionkit.cli.ablate import ablate  # noqa: E402
+from fusionkit.cli.generate import generate  # noqa: E402
+
+cli.add_command(generate)
 
 cli.add_command(ablate)
 

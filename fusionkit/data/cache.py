@@ -13,6 +13,12 @@ be computed once and reused by later epochs and later runs. Each feature is stor
   decoded image, waveform or frames; the text; the vector), so a file whose content changes
   gets a new entry and the stale one is simply never read again.
 
+Token entries (``precompute(..., tokens=True)``, for decoders that read sequences) sit next to
+them as ``<content key>.tokens.npz`` holding ``pooled (d,)`` and the real tokens only
+``(L_i, token_dim)`` (padding dropped); the other suffix keeps them apart from pooled-only
+entries of the same encoder and sample. :class:`PrecomputedEncoder` with ``token_dim`` pads
+them back into an :class:`~fusionkit.encoders.base.EncoderOutput` batch.
+
 Only encoders with no trainable parameter are cached; a fine-tuned encoder changes every step.
 """
 
@@ -22,6 +28,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fusionkit.encoders.base import Encoder
+from fusionkit.encoders.base import Encoder, EncoderOutput
 
 
 def default_root() -> Path:
@@ -86,8 +93,8 @@ class FeatureCache:
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def path(self, content: str) -> Path:
-        return self.dir / f"{content}.npy"
+    def path(self, content: str, tokens: bool = False) -> Path:
+        return self.dir / (f"{content}.tokens.npz" if tokens else f"{content}.npy")
 
     def get(self, content: str) -> Tensor | None:
         p = self.path(content)
@@ -99,24 +106,52 @@ class FeatureCache:
             return None
 
     def put(self, content: str, feature: Tensor) -> None:
+        self._write(self.path(content), lambda f: np.save(f, _array(feature), allow_pickle=False))
+
+    def get_tokens(self, content: str) -> tuple[Tensor, Tensor] | None:
+        """``(pooled (d,), tokens (L_i, token_dim))`` of a sample, or None if not cached."""
+        p = self.path(content, tokens=True)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as entry:
+                return torch.from_numpy(entry["pooled"]), torch.from_numpy(entry["tokens"])
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):  # a damaged entry is recomputed
+            return None
+
+    def put_tokens(self, content: str, pooled: Tensor, tokens: Tensor) -> None:
+        self._write(self.path(content, tokens=True),
+                    lambda f: np.savez(f, pooled=_array(pooled), tokens=_array(tokens)))
+
+    def _write(self, path: Path, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.save(f, feature.detach().float().cpu().numpy(), allow_pickle=False)
-        os.replace(tmp, self.path(content))  # atomic: readers never see half a file
+            write(f)
+        os.replace(tmp, path)  # atomic: readers never see half a file
+
+
+def _array(t: Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
 
 
 @torch.no_grad()
 def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality: str, root: Path,
-               stats: CacheStats, batch_size: int = 64) -> list[Tensor | None]:
+               stats: CacheStats, batch_size: int = 64, tokens: bool = False) -> list[Any]:
     """Features of ``modality`` for every sample of ``split`` (None where it is missing).
 
     Cached entries are read; the rest are encoded in batches and written.
+
+    Args:
+        tokens: False: each feature is the pooled vector ``(d,)`` (``encoder(batch)``). True: each
+            is the pair ``(pooled (d,), tokens (L_i, token_dim))`` from ``encoder.encode(batch)``,
+            the tokens without padding; read it back with ``PrecomputedEncoder(d, token_dim)``.
     """
     cache = FeatureCache(root, encoder_key(encoder, block))
+    read = cache.get_tokens if tokens else cache.get
     was_training = encoder.training
     encoder.eval()
     device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
-    out: list[Tensor | None] = [None] * len(split)
+    out: list[Any] = [None] * len(split)
     pending: list[tuple[int, str, Any]] = []
     counts = {"hits": 0, "misses": 0}
 
@@ -124,10 +159,18 @@ def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality
         counts["misses"] += len(pending)
         batch = encoder.collate([encoder.preprocess(raw) for _, _, raw in pending])
         batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
-        feats = encoder(batch).float().cpu()  # (n, out_dim)
-        for (i, key, _), f in zip(pending, feats):
-            cache.put(key, f)
-            out[i] = f
+        if tokens:
+            encoded = encoder.encode(batch)  # pooled (n, d), tokens (n, L, token_dim), mask (n, L)
+            pooled, toks, mask = encoded.pooled.float().cpu(), encoded.tokens.float().cpu(), encoded.token_mask.cpu()
+            for (i, key, _), p, t, m in zip(pending, pooled, toks, mask):
+                real = t[m].clone()  # (L, token_dim) -> (L_i, token_dim): padded positions dropped
+                cache.put_tokens(key, p, real)
+                out[i] = (p, real)
+        else:
+            feats = encoder(batch).float().cpu()  # (n, out_dim)
+            for (i, key, _), f in zip(pending, feats):
+                cache.put(key, f)
+                out[i] = f
         pending.clear()
 
     for i in range(len(split)):
@@ -136,7 +179,7 @@ def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality
         if raw is None:
             continue
         key = content_key(raw)
-        cached = cache.get(key)
+        cached = read(key)
         if cached is not None:
             out[i] = cached
             counts["hits"] += 1
@@ -152,9 +195,12 @@ def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality
 
 
 class CachedSplit(Dataset):
-    """A split whose cached modalities come from precomputed features (raw values are not read)."""
+    """A split whose cached modalities come from precomputed features (raw values are not read).
 
-    def __init__(self, split, features: dict[str, list[Tensor | None]]):
+    A feature is passed on as it is: a pooled tensor, or a ``(pooled, tokens)`` pair.
+    """
+
+    def __init__(self, split, features: dict[str, list[Any]]):
         self.features = features
         rest = [m for m in split.columns if m not in features] if hasattr(split, "columns") else None
         self.split = split.select(rest) if rest is not None and hasattr(split, "select") else split
@@ -176,13 +222,29 @@ class CachedSplit(Dataset):
 
 
 class PrecomputedEncoder:
-    """Stands in for a cached encoder in the data pipeline: features pass through, stacked."""
+    """Stands in for a cached encoder in the data pipeline: features pass through, stacked.
 
-    def __init__(self, out_dim: int):
+    Args:
+        out_dim: width of the pooled features.
+        token_dim: None: features are pooled tensors and ``collate`` stacks them. Set: features
+            are ``(pooled, tokens)`` pairs (``precompute(..., tokens=True)``) and ``collate``
+            returns an :class:`EncoderOutput` with the tokens right-padded with zeros.
+    """
+
+    def __init__(self, out_dim: int, token_dim: int | None = None):
         self.out_dim = out_dim
+        self.token_dim = token_dim
 
-    def preprocess(self, feature: Tensor) -> Tensor:
+    def preprocess(self, feature: Any) -> Any:
         return feature
 
-    def collate(self, items: list[Tensor]) -> Tensor:
-        return torch.stack(items)  # (n, out_dim)
+    def collate(self, items: list[Any]) -> Tensor | EncoderOutput:
+        if self.token_dim is None:
+            return torch.stack(items)  # (n, out_dim)
+        pooled = torch.stack([p for p, _ in items])  # (n, out_dim)
+        lengths = torch.tensor([t.shape[0] for _, t in items])  # (n,)
+        tokens = pooled.new_zeros(len(items), int(lengths.max()), self.token_dim)  # (n, L_max, token_dim)
+        for i, (_, t) in enumerate(items):
+            tokens[i, : t.shape[0]] = t  # (L_i, token_dim) into row i; the rest stays zero
+        mask = torch.arange(tokens.shape[1]) < lengths[:, None]  # (n, L_max), True = a real token
+        return EncoderOutput(pooled=pooled, tokens=tokens, token_mask=mask)

@@ -1,7 +1,8 @@
 """From dataset items to model batches: per-sample preprocessing and a presence-aware collate.
 
 A batch is ``{"inputs": {m: encoder batch of the samples that HAVE m}, "rows": {m: LongTensor of
-those samples' positions}, "mask": (B, M) bool in sorted-name order, "target": (B,), "index": (B,)}``.
+those samples' positions}, "mask": (B, M) bool in sorted-name order, "target": (B,), "index": (B,)}``
+plus whatever the task's target collate adds (VQA: reference answers, question types, ...).
 Encoders therefore only ever see real inputs; the model scatters their outputs back by ``rows``.
 
 Skipping bad samples (``data.on_bad_sample: skip``): a split may return a marker item
@@ -54,9 +55,11 @@ class EncodedDataset(Dataset):
 class Collate:
     """Collate preprocessed items into a batch (picklable, so DataLoader workers can use it)."""
 
-    def __init__(self, encoders: dict[str, Encoder]):
+    def __init__(self, encoders: dict[str, Encoder], collate_targets=None):
         self.encoders = encoders
         self.modalities = sorted(encoders)
+        # the task's target collate (fusionkit.tasks); default: class indices as a long tensor
+        self.collate_targets = collate_targets
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         skipped = [(it["id"], it["skip"]) for it in items if "skip" in it]
@@ -69,7 +72,9 @@ class Collate:
             rows[m] = present
             inputs[m] = self.encoders[m].collate([items[i]["inputs"][m] for i in present.tolist()]) \
                 if len(present) else None
-        return {"inputs": inputs, "rows": rows, "mask": mask,
-                "target": torch.tensor([it["target"] for it in items], dtype=torch.long),
+        targets = [it["target"] for it in items]
+        collated = self.collate_targets(targets) if self.collate_targets is not None \
+            else {"target": torch.tensor(targets, dtype=torch.long)}
+        return {"inputs": inputs, "rows": rows, "mask": mask, **collated,
                 "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
                 "skipped": skipped}

@@ -17,6 +17,20 @@ unknown labels, bad split values, missing files, vectors of the wrong length or 
 rows with no modality. A file that exists but cannot be decoded is found when it is read.
 With ``on_bad_sample: skip`` such rows are left out and reported (the trainer writes
 ``skipped.json`` in the run folder); nothing is dropped silently.
+
+With ``task: vqa`` a row holds a question and its reference answers instead of a label::
+
+    {"image": "img/001.png", "question": "what color is the car?", "answers": ["red", "dark red"], "type": "color"}
+
+- ``question`` (data.question) is a text modality that keeps its column name; the bundle names
+  it in ``info["question_modality"]``. Rows whose question is missing or empty are bad rows.
+- ``answers`` (data.answers): a JSON list of strings or one string; in a CSV cell, answers
+  separated by ``|`` (``red|dark red``). A row with no answer is a bad row.
+- ``data.question_type`` optionally names a column with each question's type (for per-type
+  accuracy). Targets are ``{"answers": [...], "type": type or None}`` and ``classes`` is empty.
+- A drawn split (no split column) keeps every row with the same inputs other than the question
+  (e.g. the same image) in one split, so no image is asked about in both train and test; the
+  fractions then count those groups, not rows.
 """
 
 from __future__ import annotations
@@ -65,6 +79,14 @@ class ManifestConfig(DatasetConfig):
     max_frames: int = Field(32, ge=1, description="video frames kept per clip, spread uniformly (bounds memory)")
     on_bad_sample: Literal["error", "skip"] = Field("error", description=(
         "error: stop at the first bad row or file; skip: leave it out and report it (skipped.json)"))
+    task: Literal["classification", "vqa"] = Field("classification", description=(
+        "classification: one label per row (label_column); vqa: a question and its answers per row"))
+    question: str = Field("question", description=(
+        "vqa: column with the question text; a text modality under this column's name"))
+    answers: str = Field("answers", description=(
+        "vqa: column with the reference answers: a JSON list or one string; in CSV, '|'-separated"))
+    question_type: str | None = Field(None, description=(
+        "vqa: optional column with each question's type (e.g. yes/no), for per-type accuracy"))
 
     @field_validator("path")
     @classmethod
@@ -83,6 +105,11 @@ class ManifestConfig(DatasetConfig):
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes has duplicate names")
+        if self.task == "vqa" and self.classes is not None:
+            raise ValueError("classes is for task classification; a vqa manifest has answers, not classes")
+        columns = [c for c in (self.question, self.answers, self.question_type) if c is not None]
+        if self.task == "vqa" and len(set(columns)) != len(columns):
+            raise ValueError("question, answers and question_type must name different columns")
         return self
 
 
@@ -159,7 +186,7 @@ class ManifestSplit(MultimodalSplit):
     ``Collate`` leaves such items out of the batch and reports them in ``batch["skipped"]``.
     """
 
-    def __init__(self, columns: dict[str, list[Any]], targets: list[int], ids: list[int], *,
+    def __init__(self, columns: dict[str, list[Any]], targets: list[Any], ids: list[int], *,
                  kinds: dict[str, str], manifest: str, name: str, sample_rate: int, max_frames: int,
                  on_bad_sample: str, dropped: list[dict[str, Any]] | None = None):
         super().__init__(columns, targets, ids)
@@ -286,9 +313,17 @@ class ManifestDataset(MultimodalDataset):
             raise DataError(f"manifest '{path}': unparsable CSV ({err})") from None
         return rows, problems
 
+    def _reserved(self) -> set[str | None]:
+        """Columns that are never modalities: the split and the task's target columns."""
+        cfg = self.config
+        if cfg.task == "vqa":
+            return {cfg.split_column, cfg.answers, cfg.question_type}
+        return {cfg.label_column, cfg.split_column}
+
     def _infer_kinds(self, rows: list[tuple[int, dict[str, Any]]]) -> tuple[dict[str, str], list[str]]:
         """Column -> kind from the values; columns of plain numbers (ids, scores) are ignored."""
-        reserved = {self.config.label_column, self.config.split_column}
+        reserved = self._reserved()
+        question = self.config.question if self.config.task == "vqa" else None
         seen: dict[str, dict[str, int]] = {}  # column -> kind -> first line with it
         order: list[str] = []
         for line, row in rows:
@@ -302,6 +337,9 @@ class ManifestDataset(MultimodalDataset):
                     seen[col].setdefault(_value_kind(v), line)
         kinds, ignored = {}, []
         for col in order:
+            if col == question:
+                kinds[col] = "text"  # even "what is in 1.png" or "5" is a question
+                continue
             found = dict(seen[col])
             if "text" in found and "scalar" in found:
                 found.pop("scalar")  # a caption that happens to be "5" is still a caption
@@ -325,9 +363,16 @@ class ManifestDataset(MultimodalDataset):
             line, reason = problems[0]
             raise DataError(f"{self._where(line)} {reason}")
         ignored: list[str] = []
+        present = {col for _, row in rows for col in row}
+        if self.config.task == "vqa":
+            self._check_vqa_columns(present)
         if self.config.modalities is not None:
             kinds = dict(self.config.modalities)
-            present = {col for _, row in rows for col in row}
+            if self.config.task == "vqa":
+                question = self.config.question
+                if kinds.setdefault(question, "text") != "text":
+                    raise DataError(f"data.modalities declares the question column '{question}' as "
+                                    f"{kinds[question]}; it must be text (or leave it out)")
             for col in kinds:
                 if col not in present:
                     raise DataError(f"data.modalities names column '{col}', which no row of "
@@ -351,6 +396,14 @@ class ManifestDataset(MultimodalDataset):
             if not dims.get(col):
                 raise DataError(f"manifest '{self.manifest}': vector column '{col}' has no readable value")
         return _Scan(rows, problems, kinds, dims, ignored)
+
+    def _check_vqa_columns(self, present: set[str]) -> None:
+        cfg = self.config
+        for key in ("question", "answers", "question_type"):
+            col = getattr(cfg, key)
+            if col is not None and col not in present:
+                raise DataError(f"manifest '{self.manifest}': no column '{col}' (data.{key}); "
+                                f"columns are {', '.join(sorted(present)) or 'none'}")
 
     # -- one value ------------------------------------------------------------------------
     def _file(self, value: Any, kind: str) -> str:
@@ -387,9 +440,37 @@ class ManifestDataset(MultimodalDataset):
             raise _BadRow(f"vector has length {len(value)}, expected {dim} (the length of the first vector)")
         return np.asarray(value, dtype=np.float32)
 
-    def _check_row(self, row: dict[str, Any], scan: _Scan, has_split: bool) -> tuple[dict[str, Any], str, str | None]:
-        """Validate one row: ``(values by column, label name, split or None)``; raises _BadRow."""
+    def _answers(self, value: Any) -> list[str]:
+        """The answers cell -> non-empty list of answer strings; raises _BadRow."""
+        col = self.config.answers
+        if _missing(value):
+            raise _BadRow(f"has no answer (column '{col}')")
+        if isinstance(value, str) and self.manifest.suffix.lower() in (".csv", ".tsv"):
+            value = value.split("|")
+        elif isinstance(value, str) or _is_number(value):
+            value = [value]
+        if not isinstance(value, list):
+            raise _BadRow(f"answers (column '{col}') must be a list of strings or a string, got {value!r:.60}")
+        bad = next((a for a in value if not (isinstance(a, str) or _is_number(a))), None)
+        if bad is not None:
+            raise _BadRow(f"answers (column '{col}') must be strings, got {bad!r:.60}")
+        answers = [_label_name(a) for a in value if not _missing(a)]  # JSON 2 and 2.0 both read "2"
+        if not answers:
+            raise _BadRow(f"has no answer (column '{col}')")
+        return answers
+
+    def _target(self, row: dict[str, Any]) -> Any:
+        """The row's target: a label name (classification) or ``{"answers", "type"}`` (vqa)."""
         cfg = self.config
+        if cfg.task == "vqa":
+            question = row.get(cfg.question)
+            if _missing(question):
+                raise _BadRow(f"has no question (column '{cfg.question}')")
+            kind = row.get(cfg.question_type) if cfg.question_type else None
+            if isinstance(kind, (list, dict)):
+                raise _BadRow(f"question type (column '{cfg.question_type}') must be a name, got {kind!r:.60}")
+            return {"answers": self._answers(row.get(cfg.answers)),
+                    "type": None if _missing(kind) else _label_name(kind)}
         label = row.get(cfg.label_column)
         if _missing(label):
             raise _BadRow(f"has no label (column '{cfg.label_column}')")
@@ -398,6 +479,15 @@ class ManifestDataset(MultimodalDataset):
         label = _label_name(label)
         if cfg.classes is not None and label not in cfg.classes:
             raise _BadRow(f"label '{label}' is not one of data.classes ({', '.join(cfg.classes)})")
+        return label
+
+    def _check_row(self, row: dict[str, Any], scan: _Scan, has_split: bool) -> tuple[dict[str, Any], Any, str | None]:
+        """Validate one row: ``(values by column, target, split or None)``; raises _BadRow.
+
+        The target is a label name, or ``{"answers": [...], "type": ...}`` with ``task: vqa``.
+        """
+        cfg = self.config
+        label = self._target(row)
         split = None
         if has_split:
             split = row.get(cfg.split_column)
@@ -422,6 +512,11 @@ class ManifestDataset(MultimodalDataset):
         return values, label, split
 
     # -- dataset API ----------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        """``classification`` or ``vqa``, as the config says."""
+        return self.config.task
+
     @property
     def default_modalities(self) -> tuple[str, ...]:
         return tuple(self.modality_specs())
@@ -474,11 +569,18 @@ class ManifestDataset(MultimodalDataset):
             raise DataError(f"manifest '{self.manifest}' has no usable row"
                             + (f" ({len(skipped)} skipped; first: line {skipped[0]['id']} {skipped[0]['reason']})"
                                if skipped else ""))
-        classes = list(cfg.classes) if cfg.classes is not None else _sorted_labels({g[2] for g in good})
-        index = {c: k for k, c in enumerate(classes)}
-        targets = np.array([index[g[2]] for g in good])
+        if cfg.task == "vqa":
+            classes = []
+            targets = np.empty(len(good), dtype=object)
+            targets[:] = [g[2] for g in good]  # {"answers", "type"} dicts
+        else:
+            classes = list(cfg.classes) if cfg.classes is not None else _sorted_labels({g[2] for g in good})
+            index = {c: k for k, c in enumerate(classes)}
+            targets = np.array([index[g[2]] for g in good])
         if has_split:
             assign = np.array([g[3] for g in good])
+        elif cfg.task == "vqa":
+            assign = self._draw_grouped_split([self._context(g[1], g[0]) for g in good])
         else:
             assign = self._draw_split(targets)
         splits = {}
@@ -495,8 +597,29 @@ class ManifestDataset(MultimodalDataset):
                 max_frames=cfg.max_frames, on_bad_sample=cfg.on_bad_sample)
         info = {"manifest": str(self.manifest), "sizes": {k: len(v) for k, v in splits.items()},
                 "skipped": skipped, "ignored_columns": scan.ignored,
-                "split": "column" if has_split else f"drawn (seed {cfg.split_seed})"}
+                "split": "column" if has_split else f"drawn (seed {cfg.split_seed})", "task": cfg.task}
+        if cfg.task == "vqa":
+            info["question_modality"] = cfg.question
+            info["answers"] = sorted({a for t in splits["train"].targets for a in t["answers"]})  # train only
         return DatasetBundle(splits, classes=classes, modalities=self.modality_specs(), info=info)
+
+    def _context(self, values: dict[str, Any], line: int) -> tuple:
+        """What a question is asked about: the row's other modality values (hashable); a row
+        with none of them is its own group."""
+        context = tuple((col, v.tobytes() if isinstance(v, np.ndarray) else v)
+                        for col, v in sorted(values.items()) if col != self.config.question and v is not None)
+        return context or (("line", line),)
+
+    def _draw_grouped_split(self, contexts: list[tuple]) -> np.ndarray:
+        """VQA: a seeded split of the distinct contexts (e.g. images), so each stays in one split."""
+        cfg = self.config
+        groups = {c: k for k, c in enumerate(dict.fromkeys(contexts))}  # first-seen order
+        order = np.random.default_rng(cfg.split_seed).permutation(len(groups))
+        n_val, n_test = round(len(groups) * cfg.val_fraction), round(len(groups) * cfg.test_fraction)
+        where = np.full(len(groups), "train", dtype=object)
+        where[order[:n_val]] = "val"
+        where[order[n_val:n_val + n_test]] = "test"
+        return np.array([where[groups[c]] for c in contexts], dtype=object)
 
     def _draw_split(self, targets: np.ndarray) -> np.ndarray:
         """Stratified split: per class, a permutation seeded by ``split_seed`` cut into 3 parts."""

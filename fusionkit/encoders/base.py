@@ -1,7 +1,14 @@
-"""Encoders: raw inputs of one modality -> pooled features ``(B, d_m)``.
+"""Encoders: raw inputs of one modality -> pooled features ``(B, d_m)`` and, optionally, tokens.
 
 An encoder owns its preprocessing (``preprocess`` for one sample, run in DataLoader workers;
 ``collate`` for a list of preprocessed samples), so the model and its transforms always match.
+
+Token contract (for generative decoders, which read sequences rather than one vector):
+``encode(x)`` returns an :class:`EncoderOutput` with the pooled vector ``(B, d_m)`` and a token
+sequence ``(B, L_m, token_dim)`` with its padding mask ``(B, L_m)`` (True = a real token), computed
+in one pass. The base class's fallback is the pooled vector as a single token; encoders with a
+natural sequence (feature-map positions, text hidden states, spectrogram time steps, video
+frames) override :meth:`encode` and set ``token_dim``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,21 @@ class ModalitySpec:
     channels: int | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncoderOutput:
+    """What :meth:`Encoder.encode` returns.
+
+    Attributes:
+        pooled: ``(B, d_m)``, identical to ``forward(x)``.
+        tokens: ``(B, L_m, token_dim)``; padded positions hold zeros.
+        token_mask: ``(B, L_m)`` bool, True where a token is real; every row has at least one.
+    """
+
+    pooled: Tensor
+    tokens: Tensor
+    token_mask: Tensor
 
 
 class EncoderConfig(BaseModel):
@@ -65,6 +87,17 @@ class Encoder(nn.Module):
 
     def forward(self, x: Any) -> Tensor:
         raise NotImplementedError
+
+    @property
+    def token_dim(self) -> int:
+        """Width of each token of :meth:`encode` (the pooled width unless a subclass says otherwise)."""
+        return self.out_dim
+
+    def encode(self, x: Any) -> EncoderOutput:
+        """Pooled vector and token sequence in one pass; fallback: the pooled vector as one token."""
+        pooled = self.forward(x)  # (B, d_m)
+        mask = torch.ones(pooled.shape[0], 1, dtype=torch.bool, device=pooled.device)  # (B, 1)
+        return EncoderOutput(pooled=pooled, tokens=pooled.unsqueeze(1), token_mask=mask)
 
     # -- freezing -----------------------------------------------------------------------
     def trainable_blocks(self) -> list[nn.Module]:

@@ -6,6 +6,9 @@ hands every frame of the batch to the inner encoder's ``collate`` at once and ke
 count per clip; ``forward`` encodes the real frames only (no compute on padding), scatters them
 into ``(B, F_max, d)`` and pools over time with a frame mask: a clip pools the same frames in
 any batch. ``attention`` pooling learns a softmax over frames from a small scoring MLP.
+
+Tokens (``encode``): one per frame, the inner encoder's per-frame features before temporal
+pooling, ``(B, F_max, d)`` with the frame mask (padded frames are zero).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import Encoder, EncoderConfig, ModalitySpec
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput, ModalitySpec
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import build, component_field, register, registry
 
@@ -98,8 +101,14 @@ class FramesEncoder(Encoder):
         return feats, mask
 
     def forward(self, x: dict[str, Any]) -> Tensor:
+        return self.encode(x).pooled  # (B, d)
+
+    def encode(self, x: dict[str, Any]) -> EncoderOutput:
+        """Pooled ``(B, d)`` and one token per sampled frame ``(B, F_max, d)`` with the frame mask."""
         feats, mask = self.frame_features(x)  # (B, F, d), (B, F)
         if self.pool is not None:
-            return self.pool(feats, mask)  # (B, d)
-        m = mask.unsqueeze(-1).to(feats.dtype)  # (B, F, 1)
-        return (feats * m).sum(1) / m.sum(1)  # (B, d): every clip has at least one frame
+            pooled = self.pool(feats, mask)  # (B, d)
+        else:
+            m = mask.unsqueeze(-1).to(feats.dtype)  # (B, F, 1)
+            pooled = (feats * m).sum(1) / m.sum(1)  # (B, d): every clip has at least one frame
+        return EncoderOutput(pooled=pooled, tokens=feats, token_mask=mask)

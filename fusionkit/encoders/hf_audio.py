@@ -10,6 +10,9 @@ would alone. The attention mask itself reaches the model only when its feature e
 so (``return_attention_mask``): wav2vec2-base style models (group-norm feature encoder) are
 meant to see zero padding without a mask. The mask is always requested from the extractor,
 though: without it ``do_normalize`` would standardise each clip together with its padding.
+
+Tokens (``encode``): the last hidden states ``(B, L, hidden)``; the mask is that frame mask for
+waveform models (padded frames zeroed) and all True for fixed-length spectrogram models (AST).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import Encoder, EncoderConfig
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput
 from fusionkit.encoders.mel_cnn import dataset_rate, prepare_waveform
 from fusionkit.errors import ConfigError
 from fusionkit.registry import register
@@ -171,15 +174,21 @@ class HFAudioEncoder(Encoder):
         return transformer_blocks(self.model)
 
     def forward(self, x: dict[str, Tensor]) -> Tensor:
+        return self.encode(x).pooled  # (B, H)
+
+    def encode(self, x: dict[str, Tensor]) -> EncoderOutput:
+        """Pooled ``(B, H)`` and the last hidden states ``(B, L, H)`` with the frame mask."""
         inputs = {k: v for k, v in x.items() if k != "lengths"}
-        tokens = self.model(**inputs).last_hidden_state  # (B, L, H)
-        if self.config.pooling == "cls":
-            return tokens[:, 0]
-        mask = self._frame_mask(x, tokens.shape[1])
+        states = self.model(**inputs).last_hidden_state  # (B, L, H)
+        mask = self._frame_mask(x, states.shape[1])
         if mask is None:  # fixed-length spectrogram models (AST): every token is real
-            return tokens.mean(1)
-        m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
-        return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)  # (B, L)
+            pooled = states[:, 0] if self.config.pooling == "cls" else states.mean(1)  # (B, H)
+            return EncoderOutput(pooled=pooled, tokens=states, token_mask=mask)
+        m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
+        tokens = states * m  # (B, L, H), zeros on padded frames
+        pooled = states[:, 0] if self.config.pooling == "cls" else tokens.sum(1) / m.sum(1).clamp(min=1.0)
+        return EncoderOutput(pooled=pooled, tokens=tokens, token_mask=mask)  # pooled (B, H)
 
     def _frame_mask(self, x: dict[str, Tensor], num_frames: int) -> Tensor | None:
         """``(B, L)`` bool of output frames that come from real samples, when the model can say."""

@@ -1,4 +1,9 @@
-"""Text encoder: any Hugging Face AutoModel with its AutoTokenizer, mean or CLS pooling."""
+"""Text encoder: any Hugging Face AutoModel with its AutoTokenizer, mean or CLS pooling.
+
+Tokens (``encode``): the last hidden states ``(B, L, hidden)`` with the tokenizer's attention
+mask, padded positions zeroed; the pooled vector is the same pooling of those same states. The
+embedding memo of a frozen encoder holds pooled vectors only, so ``encode`` always runs the model.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fusionkit.encoders.base import Encoder, EncoderConfig
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import register
 
@@ -102,9 +107,19 @@ class HFTextEncoder(Encoder):
                     keys[i] = fresh[row]  # memo full: use the fresh row directly
         return torch.stack([k if isinstance(k, Tensor) else self._memo[k] for k in keys])  # (B, H)
 
+    def encode(self, x: dict[str, Tensor]) -> EncoderOutput:
+        """Pooled ``(B, H)`` and the last hidden states ``(B, L, H)`` under the attention mask."""
+        states = self.model(**x).last_hidden_state  # (B, L, H)
+        mask = x["attention_mask"].bool()  # (B, L), True = a real token
+        tokens = states * mask.unsqueeze(-1).to(states.dtype)  # (B, L, H), zeros on padding
+        return EncoderOutput(pooled=self._pool(states, mask), tokens=tokens, token_mask=mask)
+
     def _encode(self, x: dict[str, Tensor]) -> Tensor:
-        tokens = self.model(**x).last_hidden_state  # (B, L, H)
+        return self._pool(self.model(**x).last_hidden_state, x["attention_mask"].bool())  # (B, H)
+
+    def _pool(self, states: Tensor, mask: Tensor) -> Tensor:
+        """``(B, L, H)`` states and ``(B, L)`` mask -> ``(B, H)``: first token, or mean of real tokens."""
         if self.config.pooling == "cls":
-            return tokens[:, 0]
-        m = x["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
-        return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+            return states[:, 0]
+        m = mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
+        return (states * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)

@@ -4,6 +4,9 @@ Such models take a fixed number of frames (``config.num_frames``), so ``preproce
 exactly that many uniformly over the clip (repeating frames of a shorter clip) and runs the
 model's video processor (resize, crop, rescale, normalise) on the CPU; every clip then has the
 same shape and ``collate`` just stacks them. ``forward`` mean-pools the patch tokens.
+
+Tokens (``encode``): the last hidden states ``(B, N, hidden)``, N = (num_frames / tubelet) x
+patches per frame for VideoMAE; every clip has the same N, so the mask is all True.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import Encoder, EncoderConfig
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput
 from fusionkit.encoders.hf_audio import from_config_dict, transformer_blocks
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import register
@@ -117,5 +120,11 @@ class HFVideoEncoder(Encoder):
         return transformer_blocks(self.model)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.encode(x).pooled  # (B, H)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Pooled ``(B, H)`` and the last hidden states ``(B, N, H)`` (no padding: all real)."""
         tokens = self.model(pixel_values=x).last_hidden_state  # (B, T, 3, S, S) -> (B, N, H)
-        return tokens[:, 0] if self.config.pooling == "cls" else tokens.mean(1)  # (B, H)
+        pooled = tokens[:, 0] if self.config.pooling == "cls" else tokens.mean(1)  # (B, H)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, N)
+        return EncoderOutput(pooled=pooled, tokens=tokens, token_mask=mask)

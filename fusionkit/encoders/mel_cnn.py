@@ -9,6 +9,10 @@ model to a GPU never moves the preprocessing with it.
 
 Variable lengths: ``collate`` pads spectrograms with zeros (the mean after normalisation) and
 passes the frame counts; ``forward`` averages the CNN's feature map over the real frames only.
+
+Tokens (``encode``): one per time step of the CNN's feature map, ``(B, T', C)`` after a mean
+over frequency, with the same real-frame mask the pooling uses (padded steps are zero). A
+transformer backbone (no time axis) gives its own tokens, all marked real.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fusionkit.encoders.base import Encoder, EncoderConfig, ModalitySpec
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput, ModalitySpec
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import register
 
@@ -146,14 +150,21 @@ class MelCNNEncoder(Encoder):
         return list(self.backbone.children())
 
     def forward(self, x: dict[str, Tensor]) -> Tensor:
+        return self.encode(x).pooled  # (B, C)
+
+    def encode(self, x: dict[str, Tensor]) -> EncoderOutput:
+        """Pooled ``(B, C)`` and one token per feature-map time step ``(B, T', C)``, padding masked."""
         spec, frames = x["spec"], x["frames"]
         feats = self.backbone.forward_features(spec)  # (B, C, F', T') for a CNN
-        if feats.dim() != 4:  # a transformer's tokens: no time axis to mask, use its own head
-            return self.backbone.forward_head(feats)
+        if feats.dim() != 4:  # a transformer's tokens (B, N, C): no time axis to mask, use its own head
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)  # (B, N)
+            return EncoderOutput(pooled=self.backbone.forward_head(feats), tokens=feats, token_mask=mask)
         t_out = feats.shape[-1]
         # output frames whose receptive field starts inside the clip: ceil(frames * T' / T)
         valid = torch.ceil(frames.to(feats.device) * t_out / spec.shape[-1]).clamp(1, t_out)  # (B,)
-        keep = (torch.arange(t_out, device=feats.device) < valid[:, None]).to(feats.dtype)  # (B, T')
-        summed = (feats.mean(2) * keep[:, None, :]).sum(-1)  # (B, C, F', T') -> (B, C)
-        return summed / valid[:, None].to(feats.dtype)  # (B, C)
+        mask = torch.arange(t_out, device=feats.device) < valid[:, None]  # (B, T')
+        steps = feats.mean(2) * mask[:, None, :].to(feats.dtype)  # (B, C, F', T') -> (B, C, T'), zeros on padding
+        pooled = steps.sum(-1) / valid[:, None].to(feats.dtype)  # (B, C, T') -> (B, C)
+        tokens = steps.transpose(1, 2)  # (B, C, T') -> (B, T', C)
+        return EncoderOutput(pooled=pooled, tokens=tokens, token_mask=mask)
 

@@ -23,7 +23,11 @@ class MLPConfig(EncoderConfig):
 
 @register("encoders", "mlp")
 class MLPVectorEncoder(Encoder):
-    """Vector features -> MLP (Linear, GELU, dropout) -> (B, hidden)."""
+    """Vector features -> MLP (Linear, GELU, dropout) -> (B, hidden).
+
+    Tokens: a feature vector has no natural sequence, so :meth:`encode` is the base class's
+    fallback on purpose: the pooled ``(B, hidden)`` vector as one token, ``(B, 1, hidden)``.
+    """
 
     Config = MLPConfig
     kinds = ("vector",)

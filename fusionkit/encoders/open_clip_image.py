@@ -4,6 +4,12 @@
 centre crop, CLIP mean/std), so the encoder always preprocesses the way its weights expect.
 The text tower is dropped; :mod:`fusionkit.encoders.open_clip_text` keeps the other half.
 Helpers shared with the text encoder (building, block split) live here.
+
+Tokens: a ViT tower (open_clip ``VisionTransformer``) is switched to ``output_tokens`` at build
+time, so every pass returns the projected pooled embedding together with its patch tokens
+(``(B, grid*grid, width)``: after ``ln_post``, class token excluded, not projected; an
+attentional-pooler tower gives its query outputs instead). Other towers (``ModifiedResNet``,
+timm trunks) have no token output: ``encode`` falls back to the pooled vector as one token.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydantic import Field
+import torch
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import Encoder, EncoderConfig
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput
 from fusionkit.errors import ConfigError, DataError, unknown_choice
 from fusionkit.registry import register
 
@@ -132,7 +139,19 @@ class OpenClipImageEncoder(Encoder):
         model, self.transform = create_open_clip(self.config, "open_clip_image")
         self.out_dim = embed_dim(model)
         self.visual = model.visual  # the text tower and logit scale are dropped
+        # a ViT tower can return its patch tokens with the pooled vector, in the same pass
+        self.has_tokens = hasattr(self.visual, "output_tokens") and hasattr(self.visual, "transformer")
+        if self.has_tokens:
+            self.visual.output_tokens = True
         self.apply_trainable()
+
+    @property
+    def token_dim(self) -> int:
+        """ViT: the tower's width (its attentional pooler's width if it has one); else ``out_dim``."""
+        if not self.has_tokens:
+            return self.out_dim
+        pooler = getattr(self.visual, "attn_pool", None)
+        return int(pooler.query.shape[-1]) if pooler is not None else int(self.visual.transformer.width)
 
     def preprocess(self, raw: Any) -> Tensor:
         """Image -> open_clip's eval transform (resize, crop, RGB, CLIP mean/std) -> (3, S, S)."""
@@ -142,5 +161,13 @@ class OpenClipImageEncoder(Encoder):
         return tower_blocks(self.visual)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.visual(x)  # (B, 3, S, S) -> (B, embed_dim)
+        return self.encode(x).pooled if self.has_tokens else self.visual(x)  # (B, 3, S, S) -> (B, embed_dim)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Pooled ``(B, embed_dim)`` and the ViT's patch tokens ``(B, grid*grid, width)`` (see module doc)."""
+        if not self.has_tokens:
+            return super().encode(x)  # no token output: the pooled vector as one token
+        pooled, tokens = self.visual(x)  # (B, embed_dim), (B, grid*grid, width)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, L): no padding
+        return EncoderOutput(pooled=pooled, tokens=tokens, token_mask=mask)
 

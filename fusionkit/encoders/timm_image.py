@@ -1,4 +1,10 @@
-"""Image encoder: any timm model, pooled features (``num_classes=0``)."""
+"""Image encoder: any timm model, pooled features (``num_classes=0``) and feature-map tokens.
+
+``encode`` runs ``forward_features`` once and derives both outputs from that map: the tokens are
+its spatial positions (a CNN's ``(B, C, H, W)`` flattened to ``(B, H*W, C)``; a ViT's tokens as
+timm returns them, prefix tokens included) and the pooled vector is timm's own ``forward_head``
+of the same map, so it equals ``forward``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from fusionkit.encoders.base import Encoder, EncoderConfig
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import register
 
@@ -112,8 +118,15 @@ class TimmImageEncoder(Encoder):
         # when the model itself has been moved to a GPU
         self.norm_mean = torch.tensor(mean).view(-1, 1, 1)
         self.norm_std = torch.tensor(std).view(-1, 1, 1)
-        self.out_dim = self.backbone.num_features
+        # timm: num_features = channels of forward_features; head_hidden_size = width after the
+        # (classifier-less) head, larger when the head has its own conv (MobileNetV3: 288 -> 1024)
+        self.out_dim = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
         self.apply_trainable()
+
+    @property
+    def token_dim(self) -> int:
+        """Channels of the final feature map (may differ from ``out_dim``, see ``__init__``)."""
+        return int(self.backbone.num_features)
 
     def preprocess(self, raw: Any) -> Tensor:
         """Image -> normalised ``(C, S, S)`` float tensor with the model's channels."""
@@ -135,4 +148,17 @@ class TimmImageEncoder(Encoder):
         return list(self.backbone.children())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone(x)  # (B, C, S, S) -> (B, num_features)
+        return self.backbone(x)  # (B, C, S, S) -> (B, out_dim)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Pooled ``(B, out_dim)`` and one token per final feature-map position ``(B, H*W, C)``."""
+        feats = self.backbone.forward_features(x)  # CNN (B, C, H, W); ViT (B, N, C)
+        pooled = self.backbone.forward_head(feats)  # (B, out_dim): exactly what forward computes
+        if feats.dim() == 4 and getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":
+            tokens = feats.flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C)
+        elif feats.dim() == 4:
+            tokens = feats.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, C, H*W) -> (B, H*W, C)
+        else:
+            tokens = feats  # (B, N, C): already a sequence
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, L): no padding
+        return EncoderOutput(pooled=pooled, tokens=tokens, token_mask=mask)

@@ -172,10 +172,14 @@ def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def masked_unimodal_loss(unimodal_logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """sum_m of the mean cross-entropy of head m over the samples that have modality m."""
+    """sum_m of the mean cross-entropy of head m over the samples that have modality m.
+
+    Samples whose target is -100 (outside the task's probe space) are left out.
+    """
     B, M, K = unimodal_logits.shape
     ce = F.cross_entropy(unimodal_logits.reshape(B * M, K).float(),
-                         target.repeat_interleave(M), reduction="none").view(B, M)  # (B, M)
+                         target.repeat_interleave(M), reduction="none", ignore_index=-100).view(B, M)  # (B, M)
+    mask = mask & (target != -100).unsqueeze(1)  # (B, M)
     ce = torch.where(mask, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
     per_modality = ce.sum(0) / mask.sum(0).clamp(min=1)  # (M,)
     return per_modality.sum()

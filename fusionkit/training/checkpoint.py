@@ -36,8 +36,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    # clone: safetensors refuses tensors that share storage
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+    # clone: safetensors refuses tensors that share storage. Weights the model rebuilds from its
+    # config (a frozen pretrained language model) are left out.
+    external = module.external_state() if hasattr(module, "external_state") else set()
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()
+            if k not in external}
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -79,6 +82,12 @@ def optional_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """The JSON metadata next to checkpoint ``path`` (``{}`` when absent: load_weights says so)."""
+    meta_path = Path(path).with_suffix(".json")
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
 def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     """Load ``path`` (a ``.safetensors`` file) into ``model``; returns its JSON metadata."""
     path = Path(path)
@@ -87,7 +96,8 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
         raise RunDirError(f"checkpoint '{path}' is missing or incomplete (no {meta_path.name})")
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in optional_keys(model)]  # older checkpoints: defaults hold
+    external = model.external_state() if hasattr(model, "external_state") else set()  # rebuilt from config
+    missing = [k for k in missing if k not in optional_keys(model) and k not in external]  # older checkpoints: defaults hold
     if missing or unexpected:
         raise RunDirError(f"checkpoint '{path}' does not fit this model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")

@@ -20,12 +20,12 @@ from fusionkit.data.cache import default_root as cache_root
 from fusionkit.data.loader import Collate, EncodedDataset
 from fusionkit.datasets.base import DatasetBundle
 from fusionkit.errors import ConfigError, RunDirError
-from fusionkit.evaluation import collect, summarize
+from fusionkit.evaluation import collect, evaluate
 from fusionkit.model import MultimodalModel, build_model
 from fusionkit.registry import build
 from fusionkit.training.augment import AugmentedSplit, resolve_augment
 from fusionkit.training.calibration import calibrate_heads
-from fusionkit.training.checkpoint import atomic_write_text, load_weights, save_checkpoint
+from fusionkit.training.checkpoint import atomic_write_text, load_weights, read_meta, save_checkpoint
 
 
 def make_fabric(cfg: RunConfig):
@@ -82,18 +82,44 @@ def skipped_rows(bundle: DatasetBundle, seen: dict[tuple[str, Any], str]) -> lis
     return [*bundle.info.get("skipped", ()), *access]
 
 
-def make_model(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
-    return build_model(cfg.model, bundle.modalities, cfg.modalities, len(bundle.classes))
+def make_task(cfg: RunConfig, bundle: DatasetBundle | None = None, state: dict[str, Any] | None = None):
+    """The configured task, its probe space taken from ``state`` (a checkpoint's) or derived from ``bundle``."""
+    task = build("tasks", cfg.task, "task")
+    if state is not None:
+        task.load_state(state)
+    else:
+        task.setup(bundle)
+    return task
+
+
+def seed_and_build(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
+    """Seed every RNG as :func:`train` does, then build the model: passing the result to ``train``
+    gives exactly the run ``train`` would have built itself."""
+    from lightning_fabric.utilities.seed import seed_everything
+
+    seed_everything(cfg.seed, verbose=False)
+    return make_model(cfg, bundle)
+
+
+def make_model(cfg: RunConfig, bundle: DatasetBundle, task=None) -> MultimodalModel:
+    task = task if task is not None else make_task(cfg, bundle)
+    model = build_model(cfg.model, bundle.modalities, cfg.modalities, task)
+    if task.generative and not getattr(model.decoder, "generative", False):
+        raise ConfigError(f"task '{cfg.task['name']}' generates text: choose a generative decoder "
+                          f"(model.decoder={{name: llava}}), not '{cfg.model.decoder['name']}'")
+    return model
 
 
 def make_loader(model: MultimodalModel, split, cfg: RunConfig, shuffle: bool, seed: int = 0) -> DataLoader:
-    encoders = {m: (PrecomputedEncoder(e.out_dim) if m in model.precomputed else e) for m, e in model.encoders.items()}
+    encoders = {m: (PrecomputedEncoder(e.out_dim, e.token_dim if model.needs_tokens else None)
+                    if m in model.precomputed else e) for m, e in model.encoders.items()}
     generator = torch.Generator().manual_seed(seed)
     # an augmented split draws new corruptions each epoch (set_epoch), which workers only see if
     # they are re-created per epoch
     persistent = cfg.train.num_workers > 0 and not isinstance(split, AugmentedSplit)
     return DataLoader(EncodedDataset(split, encoders), batch_size=cfg.train.batch_size, shuffle=shuffle,
-                      num_workers=cfg.train.num_workers, collate_fn=Collate(encoders), generator=generator,
+                      num_workers=cfg.train.num_workers, collate_fn=Collate(encoders, model.task.collate_targets),
+                      generator=generator,
                       persistent_workers=persistent)
 
 
@@ -111,7 +137,7 @@ def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBun
               if m not in exclude and not any(p.requires_grad for p in e.parameters())]
     for name, split in list(bundle.splits.items()):
         feats = {m: precompute(model.encoders[m], cfg.model.encoders[m], split, m, root, stats,
-                               batch_size=cfg.train.batch_size) for m in frozen}
+                               batch_size=cfg.train.batch_size, tokens=model.needs_tokens) for m in frozen}
         bundle.splits[name] = CachedSplit(split, feats) if feats else split
     model.precomputed = set(frozen)
     if console is not None and frozen:
@@ -176,30 +202,33 @@ def calibrate(fmodel, model: MultimodalModel, val_batches, fabric) -> dict[str, 
     """Fit each head's temperature on the validation batches and store it in the model."""
     heads = model.fusion.heads
     heads.temperature.fill_(1.0)
-    c = collect(fmodel, val_batches, fabric)
-    temps, report = calibrate_heads(c["unimodal_logits"], c["mask"], c["target"], model.modalities)
+    c = collect(fmodel, val_batches, fabric, predict=False)
+    labelled = (c["target"] != -100).unsqueeze(1)  # samples outside the probe space carry no label
+    temps, report = calibrate_heads(c["unimodal_logits"], c["mask"] & labelled, c["target"], model.modalities)
     heads.temperature.copy_(temps.to(heads.temperature))
     return report
 
 
 def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_progress: bool = True,
-          bundle: DatasetBundle | None = None) -> TrainResult:
+          bundle: DatasetBundle | None = None, model: MultimodalModel | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (already prepared) and evaluate the best checkpoint on test.
 
-    ``bundle`` is the loaded data if the caller already has it (the CLI loads it before it
-    creates the run folder, so a data error leaves nothing behind).
+    ``bundle`` is the loaded data and ``model`` the built model if the caller already has them
+    (the CLI builds both before it creates the run folder, so a data or model error leaves
+    nothing behind).
     """
     console = console or Console(stderr=True)
     fabric = make_fabric(cfg)
     fabric.launch()
-    fabric.seed_everything(cfg.seed, verbose=False)
+    if model is None:  # a caller that built the model seeded before building it (see seed_and_build)
+        fabric.seed_everything(cfg.seed, verbose=False)
     rank0 = fabric.global_rank == 0
     run_dir = Path(run_dir)
     if rank0:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     bundle = bundle or load_data(cfg)
-    model = make_model(cfg, bundle)
+    model = model if model is not None else make_model(cfg, bundle)
     augmentations = resolve_augment(cfg.train.augment, bundle.modalities)
     cache_stats = None
     if cfg.train.cache_features:
@@ -232,12 +261,12 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
                 train_split.set_epoch(epoch)
             fmodel.train()
             sums: dict[str, float] = {}
-            steps = 0
+            steps = samples = 0
             t0 = time.perf_counter()
             batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
             for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
                 out = fmodel(batch)
-                terms = model.loss_terms(out, batch["target"])
+                terms = model.loss_terms(out, batch)
                 loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
@@ -249,17 +278,22 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 steps += 1
+                samples += int(batch["mask"].shape[0])
                 progress.update(batch_task, advance=1, info=f"loss {sums['loss'] / steps:.3f}")
             progress.remove_task(batch_task)
-            val = summarize(collect(fmodel, track_skipped(val_loader, "val", seen_skipped), fabric), model.modalities)
+            train_seconds = time.perf_counter() - t0
+            val = evaluate(fmodel, track_skipped(val_loader, "val", seen_skipped), fabric)
             record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
-                      "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0}
-            key = (val["accuracy"], -val["nll"]) if cfg.train.monitor == "accuracy" else (-val["nll"], val["accuracy"])
+                      "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0,
+                      "train_seconds": train_seconds, "train_samples": samples}
+            nll = val["nll"] if val["nll"] is not None else 0.0
+            key = (val["accuracy"], -nll) if cfg.train.monitor == "accuracy" else (-nll, val["accuracy"])
             improved = best is None or key > best
             if rank0:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes}
+                meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes,
+                        "task": model.task.state()}
                 if improved:
                     save_checkpoint(ckpt_dir, "best", model, meta)
                 save_checkpoint(ckpt_dir, "last", model, meta, optimizer=optimizer)
@@ -275,7 +309,7 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
         if rank0:  # the best checkpoint now carries the temperatures
             save_checkpoint(ckpt_dir, "best", model, {**best_meta, "calibration": calibration})
         fabric.barrier()
-    test = summarize(collect(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric), model.modalities)
+    test = evaluate(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric)
     skipped = skipped_rows(bundle, seen_skipped)
     result = TrainResult(run_dir, best_epoch, best_val, test, skipped, calibration=calibration)
     if cache_stats is not None:
@@ -304,7 +338,8 @@ def load_run(run_dir: Path, checkpoint: str = "best"):
                           f"(expected {weights}); did training finish an epoch?")
     cfg = resolve(read_yaml(run_dir / "config.yaml"))
     bundle = load_data(cfg)
-    model = make_model(cfg, bundle)
+    meta = read_meta(weights)
+    model = make_model(cfg, bundle, make_task(cfg, bundle, meta.get("task")))
     load_weights(model, weights)
     model.eval()
     return cfg, bundle, model

@@ -1,0 +1,1 @@
+"""Tasks: what depends on the target (collate, loss, metrics, decoding, the probes' space)."""
