@@ -126,7 +126,7 @@ def main() -> None:
     for sname in args.settings.split(","):
         setting = SETTINGS[sname]
         epochs = args.epochs or setting["epochs"]
-        base = [o.format(epochs=epochs) for o in setting["overrides"]] + data_overrides(sname, out) \
+        base = [o.replace("{epochs}", str(epochs)) for o in setting["overrides"]] + data_overrides(sname, out) \
             + ["runtime.accelerator=cpu", f"runtime.threads={args.threads}"]
         t0 = time.time()
         runs: dict[str, dict[int, str]] = {m: {} for m in methods}

@@ -9,9 +9,14 @@ from torch import Tensor
 
 
 def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins: sum_b |acc_b - conf_b| * n_b / n."""
+    """ECE with equal-width confidence bins: sum_b |acc_b - conf_b| * n_b / n.
+
+    ``target``: ``(N,)`` classes, or soft ``(N, K)`` rows (right = the argmax has mass).
+    """
+    from fusionkit.tasks.targets import probe_correct
+
     conf, pred = probs.max(1)
-    correct = (pred == target).float()
+    correct = probe_correct(pred, target).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -73,7 +78,7 @@ def _collect(model, loader, fabric, predict: bool) -> dict[str, Any]:
                 else:
                     listed.setdefault(key, []).extend(value)
     model.train(was_training)
-    result: dict[str, Any] = {k: torch.cat(v).cpu() if v else torch.zeros(0) for k, v in parts.items()}
+    result: dict[str, Any] = {k: _cat(v, k).cpu() if v else torch.zeros(0) for k, v in parts.items()}
     result.update({f"score.{k}": torch.cat(v).cpu() for k, v in scores.items()})
     if fabric is not None and fabric.world_size > 1:
         result = {k: fabric.all_gather(v).flatten(0, 1).cpu() for k, v in result.items()}
@@ -87,6 +92,20 @@ def _collect(model, loader, fabric, predict: bool) -> dict[str, Any]:
     n = len(result["target"])
     result["lm_loss"] = sum(lm_loss) / n if lm_loss and n else None
     return result
+
+
+# Padding when batches' probe spaces differ in size (retrieval: the in-batch candidates): logits get
+# a value no softmax picks (finite, so temperature fitting stays NaN-free), probabilities and
+# soft targets get 0.
+_PAD = {"unimodal_logits": -1e4}
+
+
+def _cat(values: list[Tensor], key: str) -> Tensor:
+    """``torch.cat`` over batches; tensors of 2+ dims whose last dim differs are right-padded."""
+    if values[0].dim() >= 2 and len({v.shape[-1] for v in values}) > 1:
+        width = max(v.shape[-1] for v in values)
+        values = [torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=_PAD.get(key, 0.0)) for v in values]
+    return torch.cat(values)
 
 
 def evaluate(model, loader, fabric=None, seed: int = 0) -> dict[str, Any]:

@@ -34,10 +34,12 @@ class Tokens:
 
 @dataclass
 class ModelOutput:
-    logits: Tensor | None  # (B, K) class logits; None for generative decoders
+    logits: Tensor | None  # (B, K) class logits; retrieval: (B, B) query-target similarities; None: generative
     fusion: FusionOutput
     tokens: dict[str, Tokens] = field(default_factory=dict)  # per modality, when the decoder reads tokens
     lm_loss: Tensor | None = None  # generative decoders: teacher-forced loss on the target text
+    query: Tensor | None = None  # retrieval decoders: unit query embeddings (B, E)
+    targets: Tensor | None = None  # retrieval decoders: unit embeddings of the batch's target texts (B, E)
 
 
 class MultimodalModel(nn.Module):
@@ -118,6 +120,14 @@ class MultimodalModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> ModelOutput:
         z, tokens = self.encode(batch)
+        if getattr(self.decoder, "retrieval", False):
+            # the batch's targets are the probes' candidates: embed them before fusing
+            targets = self.decoder.embed_texts(batch["target_text"])  # (B, E)
+            with self.fusion.heads.mapped(self.decoder.probe_transform(targets)):
+                fused = self.fusion(z, batch["mask"])
+            query = self.decoder(fused.fused)  # (B, E)
+            return ModelOutput(logits=self.decoder.similarity(query, targets), fusion=fused, tokens=tokens,
+                               query=query, targets=targets)
         fused = self.fusion(z, batch["mask"])
         if getattr(self.decoder, "generative", False):
             # teacher-forced loss on the target text when the batch carries one (training, validation)
@@ -150,9 +160,12 @@ class MultimodalModel(nn.Module):
         return terms
 
     def external_state(self) -> set[str]:
-        """State-dict keys rebuilt from the config rather than saved (a frozen pretrained LM)."""
-        keys = getattr(self.decoder, "external_state", lambda: set())()
-        return {f"decoder.{k}" for k in keys}
+        """State-dict keys rebuilt from the config rather than saved (a frozen pretrained LM, a
+        frozen checkpoint vision tower): whatever the decoder and encoders declare."""
+        keys = {f"decoder.{k}" for k in getattr(self.decoder, "external_state", lambda: set())()}
+        for m, enc in self.encoders.items():
+            keys |= {f"encoders.{m}.{k}" for k in getattr(enc, "external_state", lambda: set())()}
+        return keys
 
 
 def build_model(model_cfg, specs: dict[str, ModalitySpec], modalities: list[str], task) -> MultimodalModel:

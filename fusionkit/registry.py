@@ -46,6 +46,7 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.encoders.hf_audio",
         "fusionkit.encoders.frames",
         "fusionkit.encoders.hf_video",
+        "fusionkit.encoders.hf_vlm_vision",
     ),
     "scorers": (
         "fusionkit.scorers.confidence",
@@ -65,8 +66,10 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.fusions.tmc",
         "fusionkit.fusions.qmf",
     ),
-    "decoders": ("fusionkit.decoders.classifier", "fusionkit.decoders.llava"),
-    "tasks": ("fusionkit.tasks.classification", "fusionkit.tasks.vqa"),
+    "decoders": ("fusionkit.decoders.classifier", "fusionkit.decoders.llava", "fusionkit.decoders.blip2",
+                 "fusionkit.decoders.retrieval", "fusionkit.decoders.hf_blip2", "fusionkit.decoders.hf_llava"),
+    "tasks": ("fusionkit.tasks.classification", "fusionkit.tasks.vqa", "fusionkit.tasks.captioning",
+              "fusionkit.tasks.retrieval"),
     "datasets": ("fusionkit.datasets.digits", "fusionkit.datasets.manifest", "fusionkit.datasets.easy_vqa"),
     "corruptions": (
         "fusionkit.corruptions.image",

@@ -477,7 +477,7 @@ def weight_report(run_dir: str | Path, specs: Sequence[str], levels: Sequence[fl
         entry: dict[str, Any] = {"index": i, "id": data.ids[i] if getattr(data, "ids", None) else i}
         for label, c in (("clean", collected[0.0]), ("corrupted", collected[top])):
             row = int((c["index"] == i).nonzero()[0, 0])  # loader order == split order, but do not rely on it
-            entry["target"] = int(c["target"][row])
+            entry["target"] = c["target"][row].tolist()  # a class, or a soft row (captioning, retrieval)
             entry[label] = {m: float(c["weights"][row, j]) for j, m in enumerate(model.modalities)}
             entry[f"{label}_present"] = {m: bool(c["mask"][row, j]) for j, m in enumerate(model.modalities)}
         picked.append(entry)

@@ -57,6 +57,27 @@ ENCODER_SPECS = {"image": ModalitySpec("image", channels=1), "text": ModalitySpe
                  "video": ModalitySpec("video", channels=3)}
 
 
+_TINY_VLMS: dict[str, str] = {}
+
+
+def tiny_vlm(family: str) -> str:
+    """Folder of a tiny random BLIP-2 (``blip2``) or LLaVA (``llava``) checkpoint, written once per session."""
+    if family not in _TINY_VLMS:
+        import tempfile
+
+        from fusionkit.lm.tiny_vlm import save_tiny_vlm
+
+        _TINY_VLMS[family] = str(save_tiny_vlm(family, tempfile.mkdtemp(prefix=f"tiny-{family}-")))
+    return _TINY_VLMS[family]
+
+
+def tiny_overrides(kind: str, name: str) -> dict:
+    """Registry-wide tiny settings for a component; checkpoint adapters get a tiny local checkpoint."""
+    if kind == "encoders" and name in ("hf_blip2_vision", "hf_llava_vision"):
+        return {"model": tiny_vlm(name.split("_")[1])}
+    return dict(TINY_ENCODERS.get(name, {})) if kind == "encoders" else {}
+
+
 def tiny_encoder(name: str, **overrides):
     """Registered encoder ``name`` on its tiny config (plus ``overrides``), seeded, for the spec of
     its first modality kind; returns ``(encoder, sample)`` with ``sample(i)`` one raw input."""
@@ -64,7 +85,7 @@ def tiny_encoder(name: str, **overrides):
 
     kind = registry("encoders").get(name).kinds[0]
     torch.manual_seed(0)
-    enc = build("encoders", {"name": name, **TINY_ENCODERS.get(name, {}), **overrides}, spec=ENCODER_SPECS[kind])
+    enc = build("encoders", {"name": name, **tiny_overrides("encoders", name), **overrides}, spec=ENCODER_SPECS[kind])
     return enc, ENCODER_SAMPLES[kind]
 
 

@@ -25,6 +25,8 @@ LAYOUT = {
     "mlp": (1, 256),  # the fallback: the pooled vector as one token
     "hf_video": (8, 32),  # (4 frames / tubelet 2) x (32 / 16)^2 patches = 2 x 4
     "frames": (4, 96),  # one per frame, at most num_frames
+    "hf_blip2_vision": (4, 32),  # the tiny checkpoint's query tokens, already in its LM width
+    "hf_llava_vision": (16, 32),  # its image patches, projected into the LM width
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from conftest import ENCODER_SAMPLES, ENCODER_SPECS, TINY_ENCODERS
+from conftest import ENCODER_SAMPLES, ENCODER_SPECS, TINY_ENCODERS, tiny_overrides, tiny_vlm
 from fusionkit.errors import ConfigError, RegistryError
 from fusionkit.fusions.base import UnimodalHeads
 from fusionkit.registry import REGISTRIES, Registry, build, registry
@@ -34,6 +34,7 @@ def test_every_component_builds_and_runs(kind, name, request):
     block = {"name": name, **TINY.get((kind, name), {})}
     torch.manual_seed(0)
     if kind == "encoders":
+        block = {**block, **tiny_overrides(kind, name)}
         cls = registry(kind).get(name)
         mod_kind = cls.kinds[0]
         enc = build(kind, block, spec=SPECS[mod_kind])
@@ -72,6 +73,11 @@ def test_every_component_builds_and_runs(kind, name, request):
     elif kind == "decoders":
         dec = build(kind, block, dim=D, num_classes=K)
         assert dec(torch.randn(B, D)).shape == (B, K)
+        if getattr(dec, "retrieval", False):  # unit embeddings of texts, similarities, probe transform
+            t = dec.embed_texts(["a red circle", "a blue square", "a red circle"])
+            assert t.shape == (3, K) and torch.allclose(t.norm(dim=-1), torch.ones(3)) and torch.equal(t[0], t[2])
+            assert dec.similarity(dec(torch.randn(B, D)), t).shape == (B, 3)
+            assert dec.probe_transform(t)(torch.randn(2, B, M, K)).shape == (2, B, M, 3)
     elif kind == "tasks":
         _check_task(name, build(kind, block))
     else:
@@ -82,10 +88,14 @@ def _check_generative_decoder(block, request):
     """A text decoder on a tiny random Llama: finite teacher-forced loss, one string per sample."""
     from fusionkit.model import Tokens
 
-    if "lm" in registry("decoders").get(block["name"]).Config.model_fields:
+    fields = registry("decoders").get(block["name"]).Config.model_fields
+    widths = {"a": 8, "b": 6, "c": 4}
+    if "image_modality" in fields:  # a checkpoint adapter: its image modality's tokens are in the LM width
+        block.update(model=tiny_vlm(block["name"].removeprefix("hf_")), image_modality="a")
+        widths["a"] = 32
+    elif "lm" in fields:
         block["lm"] = str(request.getfixturevalue("tiny_lm"))
     dec = build("decoders", {**block, "max_new_tokens": 2}, dim=D, num_classes=K)
-    widths = {"a": 8, "b": 6, "c": 4}
     if getattr(dec, "needs_tokens", False):
         dec.attach(widths)
     mask = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
@@ -120,21 +130,41 @@ def _check_task(name, task):
         batch = [{"answers": ["no"], "type": "yes/no"}, {"answers": ["purple"], "type": "color"},
                  {"answers": ["the Red", "blue"], "type": "color"}, {"answers": ["yes"], "type": "yes/no"}]
         probe, expected = ["red", "yes", "no"], [2, IGNORE, 0, 1]  # by frequency, ties by name
+    elif name == "captioning":  # soft targets over a concept vocabulary
+        train, classes = [{"captions": ["A red circle.", "a circle that is red"]}, {"captions": ["a blue circle"]},
+                          {"captions": ["the red square"]}], []
+        batch = [{"captions": ["a red one"]}, {"captions": ["a green square"]}, {"captions": ["a blue circle"]},
+                 {"captions": ["a pink one", "CIRCLE, red"]}]
+        probe = ["circle", "red", "blue", "square"]  # by samples using the word, ties by name
+        expected = [[0, 1, 0, 0], [0, 0, 0, 1], [0.5, 0, 0.5, 0], [0.5, 0.5, 0, 0]]
+    elif name == "retrieval":  # soft targets over the in-batch candidates (same text = positive)
+        train, classes = [{"text": "a red circle"}, {"captions": ["a blue circle", "a circle"]}], []
+        batch = [{"text": "a"}, {"captions": ["b", "c"]}, {"text": "a"}, {"text": "c"}]
+        probe, expected = [], [[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]]
     else:
         pytest.fail(f"task '{name}' has no registry-wide test: add a tiny bundle here")
     split = MultimodalSplit({"x": [None] * len(train)}, train)
     task.setup(DatasetBundle({"train": split}, classes=classes, modalities={}))
-    assert task.probe_classes == probe and task.num_probe_classes == len(probe)
+    assert task.probe_classes == probe
+    assert task.num_probe_classes == (task.config.embed_dim if name == "retrieval" else len(probe))
     out = task.collate_targets(batch)
     target = out["target"]
-    assert target.dtype == torch.long and target.shape == (B,)
-    assert ((target >= 0) & (target < len(probe)) | (target == IGNORE)).all()
-    assert target.tolist() == expected
+    if target.is_floating_point():  # soft: a distribution (or an all-zero row: no label) per sample
+        assert target.shape[0] == B and ((target.sum(1) - 1).abs().lt(1e-6) | (target.sum(1) == 0)).all()
+        assert torch.allclose(target, torch.tensor(expected, dtype=target.dtype))
+    else:
+        assert target.dtype == torch.long and target.shape == (B,)
+        assert ((target >= 0) & (target < len(probe)) | (target == IGNORE)).all()
+        assert target.tolist() == expected
     if name == "vqa":
         assert out["answers"] == [t["answers"] for t in batch]
         assert out["answer_text"] == ["no", "purple", "red", "yes"]  # what the LM is taught: normalised
         assert out["types"] == ["yes/no", "color", "color", "yes/no"]
         assert "answer_text" not in task.collate_targets([None, {"answers": ["no"]}, None, None])
+    if name == "captioning":
+        assert out["answer_text"] == ["a red one", "a green square", "a blue circle", "a pink one"]  # first reference
+    if name == "retrieval":
+        assert out["target_text"] == ["a", "b", "a", "c"]
 
 
 @pytest.mark.parametrize("name", registry("datasets").names())

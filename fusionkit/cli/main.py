@@ -134,9 +134,10 @@ def _print_result_table(metrics: dict, title: str, calibration: dict | None = No
         table.add_column("temperature", justify="right")
         table.add_column("val ECE before -> after", justify="right")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    generative = "vqa_accuracy" in metrics
-    table.add_row("[bold]fused[/]" + (" (generated answers)" if generative else ""), fmt(metrics["accuracy"]), "",
-                  fmt(metrics.get("ece")))
+    generative = "vqa_accuracy" in metrics or "cider" in metrics
+    what = " (generated answers)" if "vqa_accuracy" in metrics else " (generated captions: CIDEr)" \
+        if "cider" in metrics else " (mean R@1)" if "q2t_r1" in metrics else ""
+    table.add_row("[bold]fused[/]" + what, fmt(metrics["accuracy"]), "", fmt(metrics.get("ece")))
     for m, acc in metrics["unimodal_accuracy"].items():
         row = [f"{m} {'probe' if generative else 'head'}", fmt(acc), f"{metrics['mean_weights'][m]:.3f}",
                fmt(metrics.get("unimodal_ece", {}).get(m))]
@@ -145,10 +146,15 @@ def _print_result_table(metrics: dict, title: str, calibration: dict | None = No
             row += [f"{c.get('temperature', 1.0):.3f}", f"{fmt(c.get('ece_before'))} -> {fmt(c.get('ece_after'))}"]
         table.add_row(*row)
     console.print(table)
-    if generative:
+    if "vqa_accuracy" in metrics:
         per_type = "  ".join(f"{t}={v['accuracy']:.4f} (n={v['n']})" for t, v in metrics.get("per_type", {}).items())
         console.print(f"n={metrics['n']}  vqa_accuracy={metrics['vqa_accuracy']:.4f}  "
                       f"exact_match={metrics['exact_match']:.4f}  answer nll={fmt(metrics['nll'])}  {per_type}")
+    elif "cider" in metrics or "q2t_r1" in metrics:  # captioning, retrieval: their own metrics
+        keys = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider") if "cider" in metrics else \
+            tuple(f"{d}_{k}" for d in ("q2t", "t2q") for k in ("r1", "r5", "r10", "median_rank"))
+        console.print(f"n={metrics['n']}  " + "  ".join(f"{k}={fmt(metrics[k])}" for k in keys)
+                      + (f"  caption nll={fmt(metrics['nll'])}" if "cider" in metrics else ""))
     else:
         console.print(f"n={metrics['n']}  nll={metrics['nll']:.4f}  ece={metrics['ece']:.4f}")
 
@@ -224,8 +230,10 @@ cli.add_command(weights)
 
 from fusionkit.cli.ablate import ablate  # noqa: E402
 from fusionkit.cli.generate import generate  # noqa: E402
+from fusionkit.cli.retrieve import retrieve  # noqa: E402
 
 cli.add_command(generate)
+cli.add_command(retrieve)
 
 cli.add_command(ablate)
 

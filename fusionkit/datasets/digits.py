@@ -16,12 +16,19 @@ this dataset works offline. Modalities:
 
 The split is stratified and fixed by ``split_seed`` (default 60/20/20 per class: 1,200 train,
 400 val, 400 test), independent of the training seed.
+
+``task: captioning`` keeps the same samples and modalities (default: ``image`` alone; any subset
+works) with template-made, *truthful* reference captions instead of labels (:func:`references`):
+the digit's name plus the loop and shape words of :func:`caption`, e.g. "a handwritten seven,
+with no closed loop, tall and narrow" (always first), then ``captions_per_sample - 1`` other
+phrasings drawn with ``text_seed``. (The ``text`` modality stays the partly misleading caption.)
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -43,6 +50,25 @@ NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 CORRECT = ["a handwritten {d}", "this looks like the digit {d}", "someone wrote a {d} here"]
 VAGUE = ["a handwritten digit", "a scanned number from a form", "one digit written by hand"]
 LOOPS = ["with no closed loop", "with one closed loop", "with two closed loops"]
+# Reference-caption phrasings for task captioning, after the canonical "a handwritten {d}, {loops}, {shape}".
+PHRASINGS = ["the digit {d} written by hand, {loops}", "a {shape} handwritten {d}",
+             "someone wrote the digit {d}, {shape}, {loops}"]
+
+
+def shape_words(mor: np.ndarray) -> tuple[str, str]:
+    """Loop words (``mor`` column 0: closed loops) and shape words (column 4 above 1.6: elongated)."""
+    loops = LOOPS[int(min(max(mor[0], 0), 2))]
+    return loops, "tall and narrow" if mor[4] > 1.6 else "round and compact"
+
+
+def references(index: int, label: int, mor: np.ndarray, seed: int, n: int) -> list[str]:
+    """``n`` truthful captions of sample ``index`` (template-made): the canonical one first, then
+    distinct phrasings drawn by a generator seeded with ``(seed, index)``."""
+    loops, shape = shape_words(mor)
+    rng = np.random.default_rng([seed, index, 1])  # apart from caption()'s stream
+    picked = [PHRASINGS[i] for i in rng.permutation(len(PHRASINGS))[: n - 1]]
+    return [f"a handwritten {NAMES[label]}, {loops}, {shape}",
+            *(t.format(d=NAMES[label], loops=loops, shape=shape) for t in picked)]
 
 
 def caption(index: int, label: int, mor: np.ndarray, seed: int, p_correct: float, p_vague: float) -> str:
@@ -62,8 +88,7 @@ def caption(index: int, label: int, mor: np.ndarray, seed: int, p_correct: float
     else:
         wrong = (label + 1 + rng.integers(9)) % 10
         head = CORRECT[template].format(d=NAMES[wrong])
-    loops = LOOPS[int(min(max(mor[0], 0), 2))]
-    shape = "tall and narrow" if mor[4] > 1.6 else "round and compact"
+    loops, shape = shape_words(mor)
     return f"{head}, {loops}, {shape}"
 
 
@@ -83,6 +108,10 @@ class DigitsConfig(DatasetConfig):
     text_seed: int = Field(0, description="fixes which captions are correct, vague or misleading")
     text_correct: float = Field(0.5, ge=0, le=1, description="share of captions naming the true digit")
     text_vague: float = Field(0.3, ge=0, le=1, description="share naming no digit; the rest mislead")
+    task: Literal["classification", "captioning"] = Field("classification", description=(
+        "classification: the digit's class; captioning: truthful template-made captions per sample"))
+    captions_per_sample: int = Field(3, ge=1, le=1 + len(PHRASINGS), description=(
+        "captioning: references per sample (the canonical caption plus seeded phrasings)"))
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -98,7 +127,16 @@ class DigitsDataset(MultimodalDataset):
     """UCI handwritten digits (2,000 real samples, offline): image, 5 feature views, captions."""
 
     Config = DigitsConfig
-    default_modalities = ("image", "text")
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``captioning``, as the config says."""
+        return self.config.task
+
+    @property
+    def default_modalities(self) -> tuple[str, ...]:
+        # captioning: the picture alone (the text modality is itself a partly misleading caption)
+        return ("image",) if self.config.task == "captioning" else ("image", "text")
 
     def modality_specs(self) -> dict[str, ModalitySpec]:
         specs = {"image": ModalitySpec("image", channels=1, description="16x15 grayscale digit (pix view)"),
@@ -160,9 +198,12 @@ class DigitsDataset(MultimodalDataset):
             columns[view] = list((x - mu) / sd)
         columns["text"] = [caption(i, int(labels[i]), views["mor"][i], cfg.text_seed,
                                    cfg.text_correct, cfg.text_vague) for i in range(len(labels))]
+        captioning = cfg.task == "captioning"
         out = {}
         for name, idx in splits.items():
-            out[name] = MultimodalSplit({m: [col[i] for i in idx] for m, col in columns.items()},
-                                        labels[idx].tolist(), idx.tolist())
-        return DatasetBundle(out, classes=list(NAMES), modalities=self.modality_specs(),
-                             info={"root": str(root), "sizes": {k: len(v) for k, v in out.items()}})
+            targets = [{"captions": references(int(i), int(labels[i]), views["mor"][i], cfg.text_seed,
+                                               cfg.captions_per_sample)} for i in idx] if captioning \
+                else labels[idx].tolist()
+            out[name] = MultimodalSplit({m: [col[i] for i in idx] for m, col in columns.items()}, targets, idx.tolist())
+        return DatasetBundle(out, classes=[] if captioning else list(NAMES), modalities=self.modality_specs(),
+                             info={"root": str(root), "sizes": {k: len(v) for k, v in out.items()}, "task": cfg.task})

@@ -31,6 +31,15 @@ With ``task: vqa`` a row holds a question and its reference answers instead of a
 - A drawn split (no split column) keeps every row with the same inputs other than the question
   (e.g. the same image) in one split, so no image is asked about in both train and test; the
   fractions then count those groups, not rows.
+
+With ``task: captioning`` a row holds its inputs and one or more reference captions::
+
+    {"image": "img/001.png", "caption": ["a red car on a street", "a small red car"]}
+
+- ``caption`` (data.caption): a JSON list of strings or one string; in a CSV cell, captions
+  separated by ``|``. A row with no caption, or with an empty one, is a bad row.
+- Targets are ``{"captions": [...]}`` and ``classes`` is empty; a drawn split keeps rows with the
+  same inputs (the same image captioned on several rows) in one split, as for vqa.
 """
 
 from __future__ import annotations
@@ -79,14 +88,17 @@ class ManifestConfig(DatasetConfig):
     max_frames: int = Field(32, ge=1, description="video frames kept per clip, spread uniformly (bounds memory)")
     on_bad_sample: Literal["error", "skip"] = Field("error", description=(
         "error: stop at the first bad row or file; skip: leave it out and report it (skipped.json)"))
-    task: Literal["classification", "vqa"] = Field("classification", description=(
-        "classification: one label per row (label_column); vqa: a question and its answers per row"))
+    task: Literal["classification", "vqa", "captioning"] = Field("classification", description=(
+        "classification: one label per row (label_column); vqa: a question and its answers per row; "
+        "captioning: reference captions per row"))
     question: str = Field("question", description=(
         "vqa: column with the question text; a text modality under this column's name"))
     answers: str = Field("answers", description=(
         "vqa: column with the reference answers: a JSON list or one string; in CSV, '|'-separated"))
     question_type: str | None = Field(None, description=(
         "vqa: optional column with each question's type (e.g. yes/no), for per-type accuracy"))
+    caption: str = Field("caption", description=(
+        "captioning: column with the reference captions: a JSON list or one string; in CSV, '|'-separated"))
 
     @field_validator("path")
     @classmethod
@@ -105,8 +117,8 @@ class ManifestConfig(DatasetConfig):
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes has duplicate names")
-        if self.task == "vqa" and self.classes is not None:
-            raise ValueError("classes is for task classification; a vqa manifest has answers, not classes")
+        if self.task != "classification" and self.classes is not None:
+            raise ValueError(f"classes is for task classification; a {self.task} manifest has no classes")
         columns = [c for c in (self.question, self.answers, self.question_type) if c is not None]
         if self.task == "vqa" and len(set(columns)) != len(columns):
             raise ValueError("question, answers and question_type must name different columns")
@@ -318,6 +330,8 @@ class ManifestDataset(MultimodalDataset):
         cfg = self.config
         if cfg.task == "vqa":
             return {cfg.split_column, cfg.answers, cfg.question_type}
+        if cfg.task == "captioning":
+            return {cfg.split_column, cfg.caption}
         return {cfg.label_column, cfg.split_column}
 
     def _infer_kinds(self, rows: list[tuple[int, dict[str, Any]]]) -> tuple[dict[str, str], list[str]]:
@@ -366,6 +380,9 @@ class ManifestDataset(MultimodalDataset):
         present = {col for _, row in rows for col in row}
         if self.config.task == "vqa":
             self._check_vqa_columns(present)
+        if self.config.task == "captioning" and self.config.caption not in present:
+            raise DataError(f"manifest '{self.manifest}': no column '{self.config.caption}' (data.caption); "
+                            f"columns are {', '.join(sorted(present)) or 'none'}")
         if self.config.modalities is not None:
             kinds = dict(self.config.modalities)
             if self.config.task == "vqa":
@@ -459,9 +476,28 @@ class ManifestDataset(MultimodalDataset):
             raise _BadRow(f"has no answer (column '{col}')")
         return answers
 
+    def _captions(self, value: Any) -> list[str]:
+        """The caption cell -> non-empty list of non-empty captions; raises _BadRow."""
+        col = self.config.caption
+        if _missing(value) or value == []:
+            raise _BadRow(f"has no caption (column '{col}')")
+        if isinstance(value, str):
+            value = value.split("|") if self.manifest.suffix.lower() in (".csv", ".tsv") else [value]
+        if not isinstance(value, list):
+            raise _BadRow(f"captions (column '{col}') must be a string or a list of strings, got {value!r:.60}")
+        for k, c in enumerate(value, 1):
+            if not isinstance(c, str):
+                raise _BadRow(f"captions (column '{col}') must be strings, got {c!r:.60}")
+            if not c.strip():
+                raise _BadRow(f"has an empty caption (column '{col}', caption {k} of {len(value)})")
+        return [c.strip() for c in value]
+
     def _target(self, row: dict[str, Any]) -> Any:
-        """The row's target: a label name (classification) or ``{"answers", "type"}`` (vqa)."""
+        """The row's target: a label name (classification), ``{"answers", "type"}`` (vqa) or
+        ``{"captions"}`` (captioning)."""
         cfg = self.config
+        if cfg.task == "captioning":
+            return {"captions": self._captions(row.get(cfg.caption))}
         if cfg.task == "vqa":
             question = row.get(cfg.question)
             if _missing(question):
@@ -514,7 +550,7 @@ class ManifestDataset(MultimodalDataset):
     # -- dataset API ----------------------------------------------------------------------
     @property
     def task(self) -> str:
-        """``classification`` or ``vqa``, as the config says."""
+        """``classification``, ``vqa`` or ``captioning``, as the config says."""
         return self.config.task
 
     @property
@@ -569,17 +605,17 @@ class ManifestDataset(MultimodalDataset):
             raise DataError(f"manifest '{self.manifest}' has no usable row"
                             + (f" ({len(skipped)} skipped; first: line {skipped[0]['id']} {skipped[0]['reason']})"
                                if skipped else ""))
-        if cfg.task == "vqa":
+        if cfg.task in ("vqa", "captioning"):
             classes = []
             targets = np.empty(len(good), dtype=object)
-            targets[:] = [g[2] for g in good]  # {"answers", "type"} dicts
+            targets[:] = [g[2] for g in good]  # {"answers", "type"} or {"captions"} dicts
         else:
             classes = list(cfg.classes) if cfg.classes is not None else _sorted_labels({g[2] for g in good})
             index = {c: k for k, c in enumerate(classes)}
             targets = np.array([index[g[2]] for g in good])
         if has_split:
             assign = np.array([g[3] for g in good])
-        elif cfg.task == "vqa":
+        elif cfg.task in ("vqa", "captioning"):
             assign = self._draw_grouped_split([self._context(g[1], g[0]) for g in good])
         else:
             assign = self._draw_split(targets)
@@ -606,12 +642,13 @@ class ManifestDataset(MultimodalDataset):
     def _context(self, values: dict[str, Any], line: int) -> tuple:
         """What a question is asked about: the row's other modality values (hashable); a row
         with none of them is its own group."""
+        question = self.config.question if self.config.task == "vqa" else None
         context = tuple((col, v.tobytes() if isinstance(v, np.ndarray) else v)
-                        for col, v in sorted(values.items()) if col != self.config.question and v is not None)
+                        for col, v in sorted(values.items()) if col != question and v is not None)
         return context or (("line", line),)
 
     def _draw_grouped_split(self, contexts: list[tuple]) -> np.ndarray:
-        """VQA: a seeded split of the distinct contexts (e.g. images), so each stays in one split."""
+        """VQA, captioning: a seeded split of the distinct contexts (e.g. images), so each stays in one split."""
         cfg = self.config
         groups = {c: k for k, c in enumerate(dict.fromkeys(contexts))}  # first-seen order
         order = np.random.default_rng(cfg.split_seed).permutation(len(groups))

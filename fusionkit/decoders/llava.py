@@ -24,11 +24,13 @@ How the DMS weights ``w`` (rows sum to 1 over the M_b present modalities) reach 
 - ``scale``: modality m's token embeddings multiplied by ``M_b * w_m`` (LLaMA's pre-norm
   partly undoes this in the first layer; the residual stream keeps it).
 - ``both``, or ``none`` (weights only choose which modalities are present).
+
+The LM side (answer labels, the teacher-forced loss, ``generate``, the context check, checkpoint
+keys) is shared with the ``blip2`` decoder in :mod:`fusionkit.decoders.lm_prefix`.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal
@@ -38,9 +40,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from fusionkit.decoders.base import Decoder
-from fusionkit.errors import ConfigError
-from fusionkit.lm.loading import LMConfig, input_embeddings, lm_context_length, lm_hidden_size, load_causal_lm
+from fusionkit.decoders.lm_prefix import LMPrefixDecoder, pool_tokens
+from fusionkit.lm.loading import LMConfig, input_embeddings
 from fusionkit.registry import register
 
 ATTENTION = "fusionkit_sdpa"  # name of the biased attention function registered with transformers
@@ -104,24 +105,6 @@ def register_biased_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def pool_tokens(tokens: Tensor, mask: Tensor, limit: int | None) -> tuple[Tensor, Tensor]:
-    """Average contiguous groups so that at most ``limit`` tokens remain (masked mean per group).
-
-    ``tokens (B, L, d)``, ``mask (B, L)`` -> ``(B, L', d)``, ``(B, L')`` with ``L' = ceil(L / g)``,
-    ``g = ceil(L / limit)``; a group is real when any of its tokens is.
-    """
-    B, L, d = tokens.shape
-    if limit is None or L <= limit:
-        return tokens, mask
-    g = math.ceil(L / limit)
-    groups = math.ceil(L / g)
-    pad = groups * g - L
-    t = F.pad(tokens, (0, 0, 0, pad)).view(B, groups, g, d)  # (B, L', g, d)
-    m = F.pad(mask, (0, pad)).view(B, groups, g).to(tokens.dtype)  # (B, L', g)
-    pooled = (t * m.unsqueeze(-1)).sum(2) / m.sum(2, keepdim=True).clamp_min(1)  # (B, L', d)
-    return pooled, m.sum(2) > 0
-
-
 def _projector(kind: str, width: int, hidden: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(width, hidden)
@@ -129,17 +112,15 @@ def _projector(kind: str, width: int, hidden: int) -> nn.Module:
 
 
 @register("decoders", "llava")
-class LlavaDecoder(Decoder):
+class LlavaDecoder(LMPrefixDecoder):
     """LLaVA-style: DMS-weighted modality tokens (and the fused vector) as a causal LM's prefix."""
 
     Config = LlavaConfig
-    generative = True
-    needs_tokens = True
+    length_fix = "lower decoder.max_tokens or shorten decoder.prompt"
 
     def __init__(self, config=None, *, dim, num_classes):
-        super().__init__(config, dim=dim, num_classes=num_classes)
+        super().__init__(config, dim=dim, num_classes=num_classes)  # loads the LM (lm_prefix.py)
         cfg = self.config
-        self.lm, self.tokenizer = load_causal_lm(cfg)
         register_biased_attention()
         base = getattr(self.lm, "base_model", self.lm)
         for model in {id(self.lm): self.lm, id(base): base}.values():
@@ -151,27 +132,13 @@ class LlavaDecoder(Decoder):
         lm_config = getattr(self.lm, "config", None)
         if lm_config is not None:
             lm_config._attn_implementation = ATTENTION
-        self.hidden = lm_hidden_size(self.lm)
-        self.context = lm_context_length(self.lm)
         self.fused_proj = _projector(cfg.projector, dim, self.hidden) if cfg.fused_token else None
         self.projectors = nn.ModuleDict()  # filled by attach() once the encoders' token widths are known
-        tok = self.tokenizer
-        self.register_buffer("prompt_ids", torch.tensor(tok(cfg.prompt, add_special_tokens=False)["input_ids"],
-                                                        dtype=torch.long), persistent=False)
-        if tok.eos_token_id is None:
-            raise ConfigError(f"decoder llava: the tokenizer of LM '{cfg.lm}' has no eos token; choose another LM")
 
     def attach(self, token_dims: dict[str, int]) -> None:
         """Build one projector per modality from its encoder's token width (sorted names)."""
         for m in sorted(token_dims):
             self.projectors[m] = _projector(self.config.projector, token_dims[m], self.hidden)
-
-    def external_state(self) -> set[str]:
-        """Frozen pretrained LM weights are rebuilt from ``lm`` on load, not stored in checkpoints
-        (LoRA: only the adapters are stored; full fine-tuning: everything)."""
-        if self.config.trainable == "full":
-            return set()
-        return {f"lm.{k}" for k, p in self.lm.named_parameters() if not p.requires_grad}
 
     # -- building the LM input -----------------------------------------------------------------
     def prefix(self, fused, tokens: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,7 +169,7 @@ class LlavaDecoder(Decoder):
             parts.append(e)
             masks.append(tmask)
             biases.append(torch.where(tmask, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
-        prompt = embed(self.prompt_ids.to(embed.weight.device)).unsqueeze(0).expand(B, -1, -1)  # (B, P_text, H)
+        prompt = self.prompt_embeds(B)  # (B, P_text, H)
         parts.append(prompt)
         masks.append(torch.ones(B, prompt.shape[1], dtype=torch.bool, device=weights.device))
         biases.append(torch.zeros(B, prompt.shape[1], dtype=weights.dtype, device=weights.device))
@@ -211,64 +178,6 @@ class LlavaDecoder(Decoder):
         bias = torch.cat(biases, 1).float()  # (B, P)
         return embeds, mask.long(), bias
 
-    def _check_length(self, length: int) -> None:
-        if length > self.context:
-            raise ConfigError(f"decoder llava: the LM input has {length} tokens but LM '{self.config.lm}' reads at "
-                              f"most {self.context}; lower decoder.max_tokens or shorten decoder.prompt")
-
-    def _answer_ids(self, answers: list[str], device) -> tuple[Tensor, Tensor]:
-        """Right-padded answer token ids + eos ``(B, A)`` and their mask."""
-        tok = self.tokenizer
-        limit = self.config.max_answer_tokens
-        seqs = [tok(" " + a.strip(), add_special_tokens=False)["input_ids"][:limit] + [tok.eos_token_id]
-                for a in answers]
-        A = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), A), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), A, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = True
-        return ids.to(device), mask.to(device)
-
-    @staticmethod
-    def positions(mask: Tensor) -> Tensor:
-        """Position ids counting attended tokens only, exactly as ``generate`` derives them."""
-        pos = mask.long().cumsum(-1) - 1
-        return pos.masked_fill(mask == 0, 0)
-
-    # -- training ------------------------------------------------------------------------------
-    def forward(self, fused, tokens: dict[str, Any], batch: dict[str, Any]) -> Tensor:
-        """Teacher-forced cross-entropy on ``batch["answer_text"]`` (answer tokens + eos only)."""
-        embeds, mask, bias = self.prefix(fused, tokens)
-        B, P, _ = embeds.shape
-        ids, amask = self._answer_ids(batch["answer_text"], embeds.device)  # (B, A)
-        self._check_length(P + ids.shape[1])
-        embed = input_embeddings(self.lm)
-        inputs = torch.cat([embeds, embed(ids)], 1)  # (B, P + A, H)
-        attention = torch.cat([mask, amask.long()], 1)  # (B, P + A)
-        labels = torch.cat([torch.full((B, P), -100, dtype=torch.long, device=ids.device),
-                            ids.masked_fill(~amask, -100)], 1)  # (B, P + A): answer tokens only
-        with key_bias(F.pad(bias, (0, ids.shape[1]))):  # (B, P + A): answer tokens carry no bias
-            hidden = self.lm.get_decoder()(inputs_embeds=inputs, attention_mask=attention,
-                                           position_ids=self.positions(attention), use_cache=False).last_hidden_state
-        # the vocabulary projection only where a label exists (position t predicts token t + 1): the
-        # prefix is most of the sequence, and the LM head is a fifth of SmolLM2's FLOPs per token
-        targets = labels[:, 1:]  # (B, P + A - 1)
-        keep = targets != -100
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (n_labels, V)
-        return F.cross_entropy(logits, targets[keep])
-
-    # -- generation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, fused, tokens: dict[str, Any], batch: dict[str, Any] | None = None) -> list[str]:
-        """Greedy (or beam) decoding with the LM's own ``generate``; returns stripped strings."""
-        cfg = self.config
-        embeds, mask, bias = self.prefix(fused, tokens)
-        self._check_length(embeds.shape[1] + cfg.max_new_tokens)
-        tok = self.tokenizer
-        with key_bias(bias):
-            out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                                   num_beams=cfg.num_beams, do_sample=False, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id)
-        # with inputs_embeds only, generate returns just the new tokens
-        return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+    def lm_bias(self, bias: Tensor | None):
+        """The LM's attention adds ``bias (B, L0)`` per key (``ATTENTION``), also during ``generate``."""
+        return key_bias(bias)

@@ -9,6 +9,8 @@ modality, so unimodal accuracy and the auxiliary loss exist for DMS and baseline
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from fusionkit.errors import ConfigError, DataError
+from fusionkit.tasks.targets import has_label, is_soft
 
 
 class FusionConfig(BaseModel):
@@ -69,6 +72,11 @@ class UnimodalHeads(nn.Module):
 
     Weights are stacked as ``(M, d, hidden)`` so all modalities run in a single call, and
     :meth:`sample` runs T stochastic passes at once for MC-dropout.
+
+    Inside :meth:`mapped` every output (plain, sampled, hence what the scorers read) goes through
+    a transform first: retrieval maps the K head outputs to similarities with the batch's
+    candidates. Outside it (the default, and every classification or VQA run) outputs are the
+    plain logits.
     """
 
     # buffers that checkpoints written before they existed may lack; their defaults are exact
@@ -87,14 +95,26 @@ class UnimodalHeads(nn.Module):
         for w in (self.w1, self.w2):  # same init as nn.Linear, per modality
             for m in range(num_modalities):
                 nn.init.kaiming_uniform_(w.data[m].T, a=math.sqrt(5))
+        self.transform: Callable[[Tensor], Tensor] | None = None  # set only inside mapped()
+
+    @contextmanager
+    def mapped(self, transform: Callable[[Tensor], Tensor] | None) -> Iterator[None]:
+        """Within the block, outputs ``(..., B, M, K)`` become ``transform(outputs)`` ``(..., B, M, N)``
+        (None: unchanged). The model sets it per batch (see ``RetrievalDecoder.probe_transform``)."""
+        previous, self.transform = self.transform, transform
+        try:
+            yield
+        finally:
+            self.transform = previous
 
     def hidden(self, z: Tensor) -> Tensor:
         """``z (B, M, d) -> (B, M, hidden)``: the deterministic part of every head."""
         return F.gelu(torch.einsum("bmd,mdh->bmh", z, self.w1) + self.b1)
 
     def output(self, a: Tensor) -> Tensor:
-        """``a (..., B, M, hidden) -> (..., B, M, K)``."""
-        return torch.einsum("...bmh,mhk->...bmk", a, self.w2) + self.b2
+        """``a (..., B, M, hidden) -> (..., B, M, K)`` (``(..., B, M, N)`` inside :meth:`mapped`)."""
+        logits = torch.einsum("...bmh,mhk->...bmk", a, self.w2) + self.b2
+        return logits if self.transform is None else self.transform(logits)
 
     def calibrate(self, logits: Tensor) -> Tensor:
         """``(..., B, M, K)`` logits divided by each head's temperature (argmax unchanged)."""
@@ -122,6 +142,8 @@ class UnimodalHeads(nn.Module):
         keep = random_bytes(a.shape, a.device) >= drop  # (T, B, M, h)
         scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul's output
         logits = torch.einsum("...bmh,mhk->...bmk", a * keep, self.w2) * scale + self.b2
+        if self.transform is not None:
+            logits = self.transform(logits)  # (T, B, M, N)
         return self.calibrate(logits).softmax(-1)  # (T, B, M, K)
 
 
@@ -174,12 +196,18 @@ def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
 def masked_unimodal_loss(unimodal_logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """sum_m of the mean cross-entropy of head m over the samples that have modality m.
 
-    Samples whose target is -100 (outside the task's probe space) are left out.
+    ``target`` is ``(B,)`` class indices (-100: outside the task's probe space) or a soft
+    ``(B, K)`` distribution (soft cross-entropy ``-sum_k y_k log p_k``); samples without a label
+    (-100, an all-zero row) are left out.
     """
     B, M, K = unimodal_logits.shape
-    ce = F.cross_entropy(unimodal_logits.reshape(B * M, K).float(),
-                         target.repeat_interleave(M), reduction="none", ignore_index=-100).view(B, M)  # (B, M)
-    mask = mask & (target != -100).unsqueeze(1)  # (B, M)
+    if is_soft(target):
+        logp = unimodal_logits.float().log_softmax(-1)  # (B, M, K)
+        ce = -(target.to(logp.dtype).unsqueeze(1) * logp).sum(-1)  # (B, M)
+    else:
+        ce = F.cross_entropy(unimodal_logits.reshape(B * M, K).float(),
+                             target.repeat_interleave(M), reduction="none", ignore_index=-100).view(B, M)  # (B, M)
+    mask = mask & has_label(target).unsqueeze(1)  # (B, M)
     ce = torch.where(mask, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
     per_modality = ce.sum(0) / mask.sum(0).clamp(min=1)  # (M,)
     return per_modality.sum()

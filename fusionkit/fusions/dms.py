@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from fusionkit.fusions.base import Fusion, FusionConfig, FusionOutput, stack_modalities
 from fusionkit.registry import build, component_field, register
 from fusionkit.scorers.base import ScoreContext
+from fusionkit.tasks.targets import probe_correct
 
 
 def mwcl(fused: Tensor, z: Tensor, weights: Tensor) -> Tensor:
@@ -112,11 +113,12 @@ class DMSFusion(Fusion):
 def route_loss(weights: Tensor, unimodal_logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Cross-entropy of the weights against "which present heads were right".
 
-    Target per sample: uniform over the present heads whose argmax is the true class. Samples
-    where no head or every present head is right carry no routing information and are left out
-    (0 when the batch has none). Shapes: ``weights (B, M)``, ``unimodal_logits (B, M, K)``.
+    Target per sample: uniform over the present heads whose argmax is the true class (soft
+    targets ``(B, K)``: one of the sample's classes). Samples where no head or every present head
+    is right carry no routing information and are left out (0 when the batch has none). Shapes:
+    ``weights (B, M)``, ``unimodal_logits (B, M, K)``, ``target (B,)`` or ``(B, K)``.
     """
-    right = (unimodal_logits.detach().argmax(-1) == target.unsqueeze(1)) & mask  # (B, M)
+    right = probe_correct(unimodal_logits.detach().argmax(-1), target) & mask  # (B, M)
     n_right = right.sum(1)  # (B,)
     informative = ((n_right > 0) & (n_right < mask.sum(1))).float()  # (B,)
     goal = right.float() / n_right.clamp_min(1).unsqueeze(1)  # (B, M)

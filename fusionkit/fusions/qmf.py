@@ -21,7 +21,9 @@ from pydantic import Field
 from torch import Tensor
 
 from fusionkit.fusions.base import Fusion, FusionConfig, FusionOutput, masked_softmax
+from fusionkit.errors import ConfigError
 from fusionkit.registry import register
+from fusionkit.tasks.targets import is_soft
 
 
 def energy_confidence(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -91,6 +93,9 @@ class QMFFusion(Fusion):
 
     def loss_terms(self, out: FusionOutput, target: Tensor) -> dict[str, Tensor]:
         """Base terms plus ``rank``: the confidence ranking regulariser (needs the targets)."""
+        if is_soft(target):
+            raise ConfigError("fusion qmf needs single-label targets (one class per sample); this task's "
+                              "probe targets are soft (captioning, retrieval): choose another fusion, e.g. dms")
         terms = super().loss_terms(out, target)
         if self.config.rank_weight > 0:
             B, M, K = out.unimodal_logits.shape

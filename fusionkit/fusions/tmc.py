@@ -25,7 +25,9 @@ from pydantic import Field
 from torch import Tensor
 
 from fusionkit.fusions.base import Fusion, FusionConfig, FusionOutput
+from fusionkit.errors import ConfigError
 from fusionkit.registry import register
+from fusionkit.tasks.targets import is_soft
 
 # Floor on the combined uncertainty: a product of many tiny u's would underflow to 0 and make
 # S = K / u infinite; 1e-12 still allows alpha up to ~1e12 * K.
@@ -148,6 +150,9 @@ class TMCFusion(Fusion):
 
     def loss_terms(self, out: FusionOutput, target: Tensor) -> dict[str, Tensor]:
         """Base terms plus ``tmc``: evidential loss of each present modality and of the combination."""
+        if is_soft(target):
+            raise ConfigError("fusion tmc needs single-label targets (one class per sample); this task's "
+                              "probe targets are soft (captioning, retrieval): choose another fusion, e.g. dms")
         terms = super().loss_terms(out, target)
         B, M, K = out.unimodal_logits.shape
         alpha_m, b_m, u_m = dirichlet_opinion(out.unimodal_logits.float())  # (B, M, K), (B, M)

@@ -6,7 +6,8 @@ A task (registry kind ``tasks``) owns everything that depends on the target:
   classes for classification, the top-N training answers for VQA;
 - how targets are read from dataset items and collated (:meth:`Task.collate_targets`), always
   including ``batch["target"]``: the probe label per sample, ``(B,)`` long, ``IGNORE`` (-100)
-  where the sample's target is outside the probe space;
+  where the sample's target is outside the probe space, or a soft ``(B, K)`` float
+  distribution over it (all-zero row = no label; see :mod:`fusionkit.tasks.targets`);
 - the task loss (:meth:`Task.loss`) and the decoding + metrics of an evaluation
   (:meth:`Task.predict`, :meth:`Task.summarize`).
 
@@ -23,8 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from fusionkit.datasets.base import DatasetBundle
-
-IGNORE = -100  # probe label of a sample whose target is outside the probe space (cross-entropy's ignore_index)
+from fusionkit.tasks.targets import IGNORE, has_label, probe_correct  # noqa: F401  (IGNORE: re-exported)
 
 
 class TaskConfig(BaseModel):
@@ -88,15 +88,16 @@ class Task:
 
 def probe_summary(c: dict[str, Any], modalities: list[str]) -> dict[str, Any]:
     """What every task reports about the fusion: probe accuracy, probe ECE and mean weights per
-    modality (probe metrics over the samples that have the modality and a label in the probe space)."""
+    modality (probe metrics over the samples that have the modality and a label in the probe space;
+    with soft targets a probe is right when its argmax is one of the sample's entries)."""
     from fusionkit.evaluation import expected_calibration_error
 
     target, mask = c["target"], c["mask"]
-    labelled = target != IGNORE
+    labelled = has_label(target)  # hard labels or soft (multi-label) rows: tasks.targets
     uni_acc, uni_ece, mean_w = {}, {}, {}
     for j, m in enumerate(modalities):
         have = mask[:, j] & labelled
-        uni_acc[m] = float((c["unimodal"][have, j] == target[have]).float().mean()) if have.any() else None
+        uni_acc[m] = float(probe_correct(c["unimodal"][have, j], target[have]).float().mean()) if have.any() else None
         uni_ece[m] = expected_calibration_error(c["unimodal_probs"][have, j], target[have]) if have.any() else None
         mean_w[m] = float(c["weights"][:, j].mean()) if len(target) else 0.0
     return {"unimodal_accuracy": uni_acc, "mean_weights": mean_w, "unimodal_ece": uni_ece}

@@ -20,10 +20,13 @@ T_MIN, T_MAX = 0.05, 20.0  # bounds on the fitted temperature
 
 
 def fit_temperature(logits: Tensor, target: Tensor, steps: int = 100) -> float:
-    """One temperature for ``logits (N, K)`` minimising NLL against ``target (N,)``; 1 if N = 0."""
+    """One temperature for ``logits (N, K)`` minimising NLL against ``target``: ``(N,)`` classes or
+    soft ``(N, K)`` rows (soft NLL ``-sum_k y_k log p_k``); 1 if N = 0."""
     if len(target) == 0:
         return 1.0
     logits = logits.detach().double()
+    if target.is_floating_point():
+        target = target.to(logits.dtype)  # cross_entropy reads float targets as probabilities
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 

@@ -23,6 +23,7 @@ from fusionkit.errors import ConfigError, RunDirError
 from fusionkit.evaluation import collect, evaluate
 from fusionkit.model import MultimodalModel, build_model
 from fusionkit.registry import build
+from fusionkit.tasks.targets import has_label
 from fusionkit.training.augment import AugmentedSplit, resolve_augment
 from fusionkit.training.calibration import calibrate_heads
 from fusionkit.training.checkpoint import atomic_write_text, load_weights, read_meta, save_checkpoint
@@ -203,7 +204,7 @@ def calibrate(fmodel, model: MultimodalModel, val_batches, fabric) -> dict[str, 
     heads = model.fusion.heads
     heads.temperature.fill_(1.0)
     c = collect(fmodel, val_batches, fabric, predict=False)
-    labelled = (c["target"] != -100).unsqueeze(1)  # samples outside the probe space carry no label
+    labelled = has_label(c["target"]).unsqueeze(1)  # samples outside the probe space carry no label
     temps, report = calibrate_heads(c["unimodal_logits"], c["mask"] & labelled, c["target"], model.modalities)
     heads.temperature.copy_(temps.to(heads.temperature))
     return report
