@@ -340,7 +340,8 @@ def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
             rows.append({"severity": s, "accuracy": r["accuracy"], "drop_points": 100.0 * drop,
                          "drop_percent": 100.0 * drop / a_clean if a_clean > 0 else None,
                          "ece": r["ece"], "nll": r["nll"], "mean_weights": r["mean_weights"],
-                         "unimodal_accuracy": r["unimodal_accuracy"], "n": r["n"]})
+                         "unimodal_accuracy": r["unimodal_accuracy"], "n": r["n"],
+                         "metrics": r})  # the task's full evaluation record (BLEU, CIDEr, R@k, ...)
         auc = curve_auc(levels, [r["accuracy"] for r in rows])
         runs.append({"run": str(q), "name": q.resolve().name, "fusion": cfg.model.fusion["name"],
                      "modalities": list(model.modalities), "baseline": _same_run(q, base_path),
