@@ -48,7 +48,7 @@ def ablate(config_path, corrupt, severity, protocol, p, variants, seeds, out, ov
     out_dir = prepare_run_dir(Path(out), overwrite)
     console = Console(stderr=True)
     result = run_ablation(raw, out_dir, list(corrupt), severity, variants=names, seeds=seed_list, protocol=protocol,
-                          p=p, overwrite=overwrite, log=lambda s: console.print(f"[dim]{s}[/]", markup=False))
+                          p=p, overwrite=overwrite, log=lambda s: console.print(s, style="dim", markup=False))
     table = Table(title=f"ablation: clean vs {', '.join(corrupt)} at severity {severity}, seeds "
                         f"{result['seeds']}, accuracy in % ({out_dir})")
     for col in ("variant", "clean acc", "corrupted acc", "drop (pts)", "AUC"):
