@@ -187,8 +187,8 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
         "fusion": registry("fusions").resolve(cfg.model.fusion, "model.fusion"),
         "decoder": registry("decoders").resolve(cfg.model.decoder, "model.decoder"),
     })
-    task = cfg.task if cfg.task is not None else {"name": getattr(dataset, "task", "classification")}
-    task = registry("tasks").resolve(named(task, getattr(dataset, "task", "classification")), "task")
+    data_task = getattr(dataset, "task", "classification")  # plugin datasets may not derive from the base
+    task = registry("tasks").resolve(named(cfg.task if cfg.task is not None else {}, data_task), "task")
     return cfg.model_copy(update={"data": datasets.resolve(cfg.data, "data"), "task": task,
                                   "modalities": sorted(modalities), "model": model})
 

@@ -137,13 +137,15 @@ class MultimodalModel(nn.Module):
         return ModelOutput(logits=logits, fusion=fused, tokens=tokens)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], fused: FusionOutput | None = None) -> list[str]:
-        """Text for each sample of ``batch`` (generative decoders only)."""
+    def generate(self, batch: dict[str, Any], out: ModelOutput | None = None) -> list[str]:
+        """Text for each sample of ``batch`` (generative decoders only); ``out``, the forward
+        output of the same batch if the caller has it, saves encoding and fusing it again."""
         if not getattr(self.decoder, "generative", False):
             raise TypeError(f"decoder '{type(self.decoder).__name__}' does not generate text")
-        z, tokens = self.encode(batch)
-        fused = fused if fused is not None else self.fusion(z, batch["mask"])
-        return self.decoder.generate(fused, tokens, batch)
+        if out is None:
+            z, tokens = self.encode(batch)
+            out = ModelOutput(logits=None, fusion=self.fusion(z, batch["mask"]), tokens=tokens)
+        return self.decoder.generate(out.fusion, out.tokens, batch)
 
     def loss_terms(self, out: ModelOutput, batch_or_target: dict[str, Any] | Tensor) -> dict[str, Tensor]:
         """``task`` + the fusion's own terms (``aux`` = mu * unimodal CE, ``mwcl``, ...)."""

@@ -44,9 +44,11 @@ def _sample_value(kind: str, value: str, base: Path | None) -> Any:
     raise ConfigError(f"modality kind '{kind}' cannot be given on the command line")
 
 
-def _rows_from_jsonl(path: Path, modalities: dict) -> list[tuple[int, dict[str, Any]]]:
+def jsonl_objects(path: Path, option: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file given as ``option``;
+    a one-line DataError for a missing file or a line that is not a JSON object."""
     if not path.is_file():
-        raise DataError(f"--data '{path}' is not a file")
+        raise DataError(f"{option} '{path}' is not a file")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -54,9 +56,16 @@ def _rows_from_jsonl(path: Path, modalities: dict) -> list[tuple[int, dict[str, 
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"--data '{path}' line {n}: not JSON ({err.msg})") from None
+            raise DataError(f"{option} '{path}' line {n}: not JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"--data '{path}' line {n}: expected an object of modality columns")
+            raise DataError(f"{option} '{path}' line {n}: expected a JSON object")
+        rows.append((n, row))
+    return rows
+
+
+def _rows_from_jsonl(path: Path, modalities: dict) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    for n, row in jsonl_objects(path, "--data"):
         values = {m: (None if row.get(m) in (None, "") else _sample_value(spec.kind, row[m], path.parent))
                   for m, spec in modalities.items()}
         if all(v is None for v in values.values()):

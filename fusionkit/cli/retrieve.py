@@ -10,7 +10,6 @@ every gallery text by cosine similarity, and the ``--top`` best are printed with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -21,17 +20,11 @@ from fusionkit.errors import ConfigError, DataError, RunDirError
 def read_gallery(path: Path) -> list[str]:
     """Texts of a JSONL gallery (``{"text": ...}`` per line, blank lines skipped); a DataError for
     a bad line or a file without items."""
-    if not path.is_file():
-        raise DataError(f"--gallery '{path}' is not a file")
+    from fusionkit.cli.generate import jsonl_objects
+
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"--gallery '{path}' line {n}: not JSON ({err.msg})") from None
-        text = row.get("text") if isinstance(row, dict) else None
+    for n, row in jsonl_objects(path, "--gallery"):
+        text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"--gallery '{path}' line {n}: expected an object with a non-empty 'text'")
         texts.append(text.strip())

@@ -66,6 +66,12 @@ class MultimodalDataset:
     def from_config(cls, config: BaseModel):
         return cls(config)
 
+    @property
+    def task(self) -> str:
+        """The task this data is for (the default ``task`` block): the config's ``task`` field
+        where the dataset offers several, else classification."""
+        return getattr(self.config, "task", "classification")
+
     def modality_specs(self) -> dict[str, ModalitySpec]:
         """Modalities this dataset offers, known without reading the data files."""
         raise NotImplementedError

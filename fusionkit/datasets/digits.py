@@ -129,11 +129,6 @@ class DigitsDataset(MultimodalDataset):
     Config = DigitsConfig
 
     @property
-    def task(self) -> str:
-        """``classification`` or ``captioning``, as the config says."""
-        return self.config.task
-
-    @property
     def default_modalities(self) -> tuple[str, ...]:
         # captioning: the picture alone (the text modality is itself a partly misleading caption)
         return ("image",) if self.config.task == "captioning" else ("image", "text")

@@ -177,11 +177,6 @@ class EasyVQADataset(MultimodalDataset):
     Config = EasyVQAConfig
 
     @property
-    def task(self) -> str:
-        """``vqa`` or ``captioning``, as the config says."""
-        return self.config.task
-
-    @property
     def default_modalities(self) -> tuple[str, ...]:
         return tuple(self.modality_specs())
 

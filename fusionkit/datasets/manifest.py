@@ -549,11 +549,6 @@ class ManifestDataset(MultimodalDataset):
 
     # -- dataset API ----------------------------------------------------------------------
     @property
-    def task(self) -> str:
-        """``classification``, ``vqa`` or ``captioning``, as the config says."""
-        return self.config.task
-
-    @property
     def default_modalities(self) -> tuple[str, ...]:
         return tuple(self.modality_specs())
 

@@ -112,7 +112,7 @@ class CaptioningTask(Task):
         return out.lm_loss
 
     def predict(self, model, batch, out) -> dict[str, Any]:
-        return {"predictions": model.generate(batch, fused=out.fusion), "captions": batch["captions"]}
+        return {"predictions": model.generate(batch, out), "captions": batch["captions"]}
 
     def summarize(self, c, modalities) -> dict[str, Any]:
         """``accuracy`` is CIDEr (the task's main metric, so it picks the best checkpoint; it is

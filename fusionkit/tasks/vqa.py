@@ -76,7 +76,7 @@ class VQATask(Task):
         return out.lm_loss
 
     def predict(self, model, batch, out) -> dict[str, Any]:
-        return {"predictions": model.generate(batch, fused=out.fusion),
+        return {"predictions": model.generate(batch, out),
                 "answers": batch["answers"], "types": batch["types"]}
 
     def summarize(self, c, modalities) -> dict[str, Any]:
