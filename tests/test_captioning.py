@@ -41,7 +41,7 @@ def task_on(captions: list[list[str]], **cfg):
 # -- probe space: concept vocabulary, soft targets ---------------------------------------------
 def test_concept_vocabulary_and_soft_targets():
     task = task_on([["A red circle.", "there is a red circle in the image"], ["a blue circle"],
-                    ["the RED square"], ["a red triangle"]], top_concepts=3)
+                    ["the RED square"], ["a red triangle"]], top_concepts=3, max_concept_share=1.0)
     # samples using each word: red 3, circle 2, then blue/square/triangle 1 (ties by name)
     assert task.probe_classes == ["red", "circle", "blue"]
     out = task.collate_targets([{"captions": ["a circle that is red"]}, {"captions": ["a green square"]},
@@ -54,6 +54,14 @@ def test_concept_vocabulary_and_soft_targets():
     assert "answer_text" not in unlabelled and unlabelled["target"][0].sum() == 0
 
 
+def test_words_most_captions_use_are_not_concepts():
+    caps = [["a handwritten one"], ["a handwritten two, tall"], ["a handwritten three, tall"], ["a handwritten four"]]
+    # "handwritten" is in 4/4 samples, "tall" in 2/4: the default share 0.5 keeps "tall" only
+    assert task_on(caps).probe_classes == ["tall", "four", "one", "three", "two"]
+    assert task_on(caps, max_concept_share=0.4).probe_classes == ["four", "one", "three", "two"]
+    assert task_on(caps, max_concept_share=1.0).probe_classes[0] == "handwritten"
+
+
 def test_bad_captioning_targets():
     with pytest.raises(DataError, match="training sample 1 has no reference caption"):
         task_on([["a red circle"], []])
@@ -63,6 +71,8 @@ def test_bad_captioning_targets():
         build("tasks", "captioning").setup(
             DatasetBundle({"train": MultimodalSplit({"x": [None]}, [3])}, classes=["a"], modalities={}))
     with pytest.raises(ConfigError, match="concept vocabulary of 1 word"):
+        task_on([["the red"], ["a red"]], max_concept_share=1.0)
+    with pytest.raises(ConfigError, match=r"vocabulary of 0 word.*share = 0.5 of the samples: \['red'\]"):
         task_on([["the red"], ["a red"]])
 
 

@@ -5,7 +5,10 @@ Targets are ``{"captions": [str, ...]}``: one or several reference captions per 
 Probe space (what the DMS heads predict): a *concept vocabulary*, the ``top_concepts`` content
 words used by the most training samples (lower case, words of letters and digits; stop words of
 :data:`STOP_WORDS` and caption boilerplate such as "image" or "picture" removed; ties broken by
-name). A sample's probe target is soft: a ``(K,)`` distribution, uniform over the vocabulary
+name). Words found in more than ``max_concept_share`` of the training samples are left out too:
+a word every caption uses ("handwritten" in every digits caption) tells the probes nothing about
+the sample, and a probe that always predicts it would look right on every sample, so DMS would
+trust an uninformative modality as much as the best one. A sample's probe target is soft: a ``(K,)`` distribution, uniform over the vocabulary
 words found in any of its references, and an all-zero row (no label) when it has none. A probe
 is right when its argmax is one of the sample's concepts (:mod:`fusionkit.tasks.targets`).
 
@@ -50,6 +53,9 @@ class CaptioningConfig(TaskConfig):
     top_concepts: int = Field(200, ge=2, description=(
         "K: the probes predict over the K content words used by the most training samples "
         "(multi-label: each sample's target is uniform over its concepts)"))
+    max_concept_share: float = Field(0.5, gt=0, le=1, description=(
+        "leave out words found in more than this share of the training samples (they do not tell "
+        "samples apart; 1 keeps every word)"))
 
 
 def _captions(target: Any, where: str) -> list[str]:
@@ -79,10 +85,15 @@ class CaptioningTask(Task):
         for i, target in enumerate(split.targets):
             caps = _captions(target, f"training sample {split.ids[i]!r}")
             counts.update({w for c in caps for w in content_words(c)})
-        vocab = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][: self.config.top_concepts]
+        limit = self.config.max_concept_share * len(split.targets)
+        common = sorted(w for w, n in counts.items() if n > limit)
+        ranked = sorted(((w, n) for w, n in counts.items() if n <= limit), key=lambda kv: (-kv[1], kv[0]))
+        vocab = [w for w, _ in ranked][: self.config.top_concepts]
         if len(vocab) < 2:
             raise ConfigError(f"captioning: the training captions give a concept vocabulary of {len(vocab)} "
-                              f"word(s) ({vocab}); the probes need at least 2 distinct content words")
+                              f"word(s) ({vocab}; left out as in more than task.max_concept_share = "
+                              f"{self.config.max_concept_share:g} of the samples: {common[:5]}); the probes "
+                              f"need at least 2 distinct content words")
         self.probe_classes = vocab
 
     def concepts(self, captions: list[str]) -> Tensor:
