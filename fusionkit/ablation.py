@@ -146,9 +146,14 @@ def ablation_rows(reports: dict[int, dict[str, Any]], runs: dict[int, dict[str, 
 def run_ablation(raw: dict[str, Any], out: Path, corrupt: list[str], severity: float, *,
                  variants: list[str] | None = None, seeds: list[int] | None = None, protocol: str = "all",
                  p: float | None = None, overwrite: bool = False, train_fn: Callable | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                 log: Callable[[str], None] = lambda s: None,
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
     """Train every variant for every seed into ``out/<variant>[/seed<k>]``; evaluate each clean and at
-    ``severity``; write ``ablation.json`` and ``ablation.md`` (mean +/- std over seeds)."""
+    ``severity``; write ``ablation.json`` and ``ablation.md`` (mean +/- std over seeds).
+
+    ``progress``: optional ``start(description, total)`` (see :func:`fusionkit.robustness.robustness_report`);
+    one stage counts the trained runs, then one per evaluated run counts its samples.
+    """
     from fusionkit.robustness import robustness_report
     from fusionkit.training.trainer import prepare_run_dir, train
 
@@ -156,10 +161,13 @@ def run_ablation(raw: dict[str, Any], out: Path, corrupt: list[str], severity: f
     seeds = seeds or [resolve(copy.deepcopy(raw)).seed]
     runs: dict[int, dict[str, str]] = {}
     reports: dict[int, dict[str, Any]] = {}
+    trained = None
     for seed in seeds:
         seeded = copy.deepcopy(raw)
         seeded["seed"] = seed
         configs = variant_configs(seeded, variants)
+        if trained is None and progress is not None:
+            trained = progress("training runs", len(seeds) * len(configs))
         runs[seed] = {}
         for name, cfg in configs.items():
             log(f"training variant {name}, seed {seed}")
@@ -167,9 +175,11 @@ def run_ablation(raw: dict[str, Any], out: Path, corrupt: list[str], severity: f
             run_dir = prepare_run_dir(folder, overwrite=overwrite)
             train_fn(cfg, run_dir, show_progress=False)
             runs[seed][name] = str(run_dir)
+            if trained is not None:
+                trained(1)
         reports[seed] = robustness_report(list(runs[seed].values()), corrupt, [0.0, severity], protocol=protocol,
                                           p=p, baseline=runs[seed].get("static_mean") or next(iter(runs[seed].values())),
-                                          log=log)
+                                          log=log, progress=progress)
     rows = ablation_rows(reports, runs)
     result = {"corrupt": corrupt, "severity": severity, "protocol": protocol, "p": p, "seeds": seeds, "rows": rows,
               "robustness": reports}

@@ -8,11 +8,12 @@ structural validation here, :func:`resolve` validates every block against the co
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fusionkit.errors import ConfigError, unknown_choice
 from fusionkit.registry import registry, validation_message
@@ -22,7 +23,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a typo'd key is an error, and so is an infinite learning rate (NaN already fails the bounds)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -51,6 +53,9 @@ class TrainConfig(_Strict):
         "corruption-aware training: corruptions applied to training samples per sample and "
         "modality, e.g. [{corrupt: image:gaussian_noise, p: 0.3, severity: [0, 1]}, "
         "{corrupt: missing:any, p: 0.15}]; off (empty) by default"))
+    loggers: list[Any] = Field(default_factory=lambda: ["jsonl"], description=(
+        "experiment loggers: jsonl (metrics.jsonl, always written), tensorboard, mlflow, or "
+        "{name: mlflow, experiment: x, tracking_uri: ...}; e.g. [jsonl, tensorboard]"))
     calibrate: bool = Field(True, description=(
         "after training, fit one softmax temperature per unimodal head on the validation split "
         "(stored in the checkpoint), so a head's confidence means its probability of being right"))
@@ -66,9 +71,19 @@ class RuntimeConfig(_Strict):
         "32-true", description="bf16-mixed on recent GPUs; 32-true reproduces CPU results exactly")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
 
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: int | str) -> int | str:
+        # the forms Lightning Fabric accepts, checked here so a typo fails before the run folder exists
+        if isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1):
+            return value
+        if isinstance(value, str) and (value == "auto" or re.fullmatch(r"-1|\d+(,\d+)*,?", value.replace(" ", ""))):
+            return value
+        raise ValueError("give 'auto', a device count >= 1, -1 (all devices) or device indices such as '0,1'")
+
 
 class RunConfig(_Strict):
-    seed: int = Field(0, description="seeds model init, shuffling and dropout")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds model init, shuffling and dropout (numpy: < 2**32)")
     data: Any = Field(default_factory=lambda: {"name": "digits"}, description="dataset block")
     task: Any = Field(None, description=(
         "task block (classification, vqa, ...); None = the dataset's own task"))
@@ -79,13 +94,41 @@ class RunConfig(_Strict):
     plugins: list[str] = Field(default_factory=list, description="plugin modules or .py files to load first")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently, so ``train: {epochs: 1}`` followed by ``train: {lr: 0.1}`` would lose the epochs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                continue  # a non-string key fails validation later, with its path
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Load a YAML mapping; a missing file or bad YAML is a one-line :class:`ConfigError`."""
+    """Load a YAML mapping; a missing, unreadable or non-UTF-8 file, bad YAML or a key given twice
+    is a one-line :class:`ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} on "
+                          f"line {line}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -105,8 +148,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override '{item}' has an empty key segment")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as err:
+        if raw.strip()[:1] in ("[", "{"):  # meant as a list or mapping: taking it as a string would hide the typo
+            raise ConfigError(f"override '{item}': the value is not valid YAML "
+                              f"({getattr(err, 'problem', None) or err}); e.g. {key.strip()}=[a, b]") from None
+        value = raw  # e.g. "a: b: c", kept as the string it was meant to be
     node = data
     for part in parts[:-1]:
         if isinstance(node.get(part), str):  # "fusion: dms" shorthand -> mapping
@@ -146,6 +192,16 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
     cls, data_cfg = datasets.validate(cfg.data, "data")
     dataset = cls.from_config(data_cfg)
     specs = dataset.modality_specs()
+    # train settings the dataset suggests (the manifest: feature cache, small batches) fill only
+    # the keys the config leaves unset; plugin datasets need not define default_train
+    suggested = getattr(dataset, "default_train", dict)()
+    suggested = {k: v for k, v in suggested.items() if k not in cfg.train.model_fields_set}
+    if suggested:
+        train = TrainConfig.model_validate({**cfg.train.model_dump(exclude_unset=True), **suggested})
+        cfg = cfg.model_copy(update={"train": train})
+    if cfg.modalities is not None and not cfg.modalities:
+        raise ConfigError("modalities: the list is empty; name some, e.g. [image, text], or leave the key "
+                          "out for the dataset's default")
     modalities = cfg.modalities or list(dataset.default_modalities)
     if not modalities:
         raise ConfigError("no modalities chosen; pass --modalities or set 'modalities' in the config")
@@ -160,6 +216,9 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
     from fusionkit.training.augment import resolve_augment
 
     resolve_augment(cfg.train.augment, {m: specs[m] for m in modalities})  # bad entries fail here, early
+    from fusionkit.training.loggers import build_loggers
+
+    build_loggers(cfg.train.loggers)  # an unknown logger or key fails here too
     dataset_defaults = dataset.default_encoders()
     encoders = {}
     enc_registry = registry("encoders")
@@ -170,6 +229,9 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
         block = cfg.model.encoders.get(m)
         if isinstance(block, str):
             block = {"name": block}
+        if block is not None and not isinstance(block, dict):
+            raise ConfigError(f"model.encoders.{m}: expected an encoder name or a mapping with a 'name' key "
+                              f"(got {block!r})")
         if block is None:
             block = base
         elif base is not None and block.get("name", base["name"]) == base["name"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,9 +28,11 @@ def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 15) ->
 
 
 @torch.no_grad()
-def collect(model, loader, fabric=None, seed: int = 0, predict: bool = True) -> dict[str, Any]:
+def collect(model, loader, fabric=None, seed: int = 0, predict: bool = True,
+            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run ``model`` over ``loader`` in eval mode; gather weights, masks, probe outputs, targets and
     (with ``predict``) the task's predictions (class probabilities, generated text, ...).
+    ``progress`` is told the number of samples after each batch (a progress bar's advance).
 
     MC-dropout stays stochastic in eval mode, so the RNG is seeded with ``seed`` (inside a
     forked RNG state, leaving the caller's untouched): evaluating a checkpoint twice, during
@@ -37,14 +40,14 @@ def collect(model, loader, fabric=None, seed: int = 0, predict: bool = True) -> 
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return _collect(model, loader, fabric, predict)
+        return _collect(model, loader, fabric, predict, progress)
 
 
 def _unwrap(model):
     return getattr(model, "module", model)  # Fabric / DDP wrappers keep the model as .module
 
 
-def _collect(model, loader, fabric, predict: bool) -> dict[str, Any]:
+def _collect(model, loader, fabric, predict: bool, progress) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     core = _unwrap(model)
@@ -77,6 +80,8 @@ def _collect(model, loader, fabric, predict: bool) -> dict[str, Any]:
                     parts.setdefault(key, []).append(value)
                 else:
                     listed.setdefault(key, []).extend(value)
+        if progress is not None:
+            progress(len(batch["mask"]) + len(batch.get("skipped", ())))  # skipped samples count as done
     model.train(was_training)
     result: dict[str, Any] = {k: _cat(v, k).cpu() if v else torch.zeros(0) for k, v in parts.items()}
     result.update({f"score.{k}": torch.cat(v).cpu() for k, v in scores.items()})

@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from fusionkit.errors import ConfigError, RegistryError, unknown_choice
+from fusionkit.errors import ConfigError, FusionkitError, RegistryError, unknown_choice
 
 ENTRY_POINT_GROUP = "fusionkit.plugins"
 
@@ -70,7 +71,9 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
                  "fusionkit.decoders.retrieval", "fusionkit.decoders.hf_blip2", "fusionkit.decoders.hf_llava"),
     "tasks": ("fusionkit.tasks.classification", "fusionkit.tasks.vqa", "fusionkit.tasks.captioning",
               "fusionkit.tasks.retrieval"),
-    "datasets": ("fusionkit.datasets.digits", "fusionkit.datasets.manifest", "fusionkit.datasets.easy_vqa"),
+    "datasets": ("fusionkit.datasets.digits", "fusionkit.datasets.manifest", "fusionkit.datasets.easy_vqa",
+                 "fusionkit.datasets.hf_datasets", "fusionkit.datasets.webdataset"),
+    "loggers": ("fusionkit.training.loggers",),
     "corruptions": (
         "fusionkit.corruptions.image",
         "fusionkit.corruptions.gaussian_noise",
@@ -92,6 +95,7 @@ _NOUNS = {
     "tasks": "a task",
     "datasets": "a dataset",
     "corruptions": "a corruption",
+    "loggers": "a logger",
 }
 
 
@@ -281,18 +285,45 @@ def component_field(kind: str, default: Any, description: str = "") -> Any:
 _loaded_plugins: set[str] = set()
 
 
-def _import_plugin(label: str, load: Callable[[], Any]) -> None:
+def _import_plugin(label: str, load: Callable[[], Any], shown: str | None = None, file: str | None = None) -> None:
+    """Run ``load`` once per ``label``, marking what it registers as coming from the plugin.
+
+    A plugin that fails to import is a one-line :class:`RegistryError` naming ``shown`` (what the
+    user wrote), the exception and, where ``file`` is the plugin's source, the line that raised;
+    whatever it registered before failing is removed again, so nothing half-loaded stays behind.
+    """
     if label in _loaded_plugins:
         return
     _loaded_plugins.add(label)
     previous = {k: r._registering_from for k, r in REGISTRIES.items()}
+    before = {k: dict(r._entries) for k, r in REGISTRIES.items()}
     for r in REGISTRIES.values():
         r._registering_from = f"plugin {label}"
     try:
         load()
+    except Exception as err:
+        _loaded_plugins.discard(label)
+        for k, r in REGISTRIES.items():
+            r._entries = before.get(k, {})
+        shown = shown or label
+        if isinstance(err, FusionkitError):  # e.g. a name clash: already says what to fix
+            raise type(err)(f"plugin '{shown}': {err}") from err
+        raise RegistryError(f"plugin '{shown}' failed to import: {_describe(err, file)}; --debug shows the "
+                            "traceback") from err
     finally:
         for k, r in REGISTRIES.items():
             r._registering_from = previous.get(k, "core")
+
+
+def _describe(err: Exception, file: str | None) -> str:
+    """``ZeroDivisionError: division by zero (line 3)``: the error and the plugin line that raised it."""
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, SyntaxError) or file is None:
+        return text  # a SyntaxError already names its file and line
+    target = Path(file).resolve()
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__)
+             if frame.filename and Path(frame.filename).resolve() == target]
+    return f"{text} (line {lines[-1]})" if lines else text
 
 
 def load_entry_point_plugins() -> None:
@@ -309,6 +340,8 @@ def load_entry_point_plugins() -> None:
 def load_plugin(spec: str) -> None:
     """Load a plugin named on the command line: an importable module or a ``.py`` file."""
     load_entry_point_plugins()
+    if not spec.strip():
+        raise RegistryError("a plugin name is empty; give a module name or a .py file")
     path = Path(spec)
     if spec.endswith(".py"):
         if not path.is_file():
@@ -319,10 +352,21 @@ def load_plugin(spec: str) -> None:
             module_spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[mod_name] = module
-            module_spec.loader.exec_module(module)
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(mod_name, None)
+                raise
 
-        _import_plugin(str(path.resolve()), load)
+        _import_plugin(str(path.resolve()), load, shown=spec, file=str(path))
         return
-    if importlib.util.find_spec(spec) is None:
+    try:
+        found = importlib.util.find_spec(spec)
+    except ModuleNotFoundError:  # e.g. 'nosuch.x', or 'os.path.x' (a parent that is not a package)
+        found = None
+    except Exception as err:  # a parent package that raises on import
+        raise RegistryError(f"plugin '{spec}' failed to import: {_describe(err, None)}; --debug shows the "
+                            "traceback") from err
+    if found is None:
         raise RegistryError(f"plugin module '{spec}' cannot be imported; is it installed or on PYTHONPATH?")
-    _import_plugin(spec, lambda: importlib.import_module(spec))
+    _import_plugin(spec, lambda: importlib.import_module(spec), file=found.origin if found.has_location else None)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,14 +188,19 @@ class CorruptedSplit(Dataset):
         return {**item, "inputs": inputs}
 
 
+Advance = Callable[[int], None]  # told how many samples were just evaluated
+StartTask = Callable[[str, int], Advance]  # (description, total samples) -> that stage's Advance
+
+
 def collect_corrupted(model, cfg, split: Dataset, specs: Sequence[CorruptionSpec], severity: float, *,
-                      seed: int = 0, protocol: str = "all", p: float = 1.0) -> dict[str, torch.Tensor]:
+                      seed: int = 0, protocol: str = "all", p: float = 1.0,
+                      progress: Advance | None = None) -> dict[str, torch.Tensor]:
     """:func:`fusionkit.evaluation.collect` on ``CorruptedSplit(split, ...)``, with torch seeded."""
     from fusionkit.training.trainer import make_loader
 
     data = CorruptedSplit(split, specs, severity, seed=seed, protocol=protocol, p=p)
     loader = make_loader(model, data, cfg, shuffle=False)
-    return collect(model, loader, seed=seed)  # seeds MC dropout in a forked RNG state
+    return collect(model, loader, seed=seed, progress=progress)  # seeds MC dropout in a forked RNG state
 
 
 def curve_auc(levels: Sequence[float], accuracies: Sequence[float]) -> float:
@@ -210,9 +215,10 @@ def curve_auc(levels: Sequence[float], accuracies: Sequence[float]) -> float:
 def _read_run(path: Path):
     """A run's resolved config, checked cheaply (no data, no weights); load_run's errors otherwise."""
     from fusionkit.config import read_yaml, resolve
+    from fusionkit.training.checkpoint import find_checkpoint
     from fusionkit.training.trainer import load_run
 
-    if not (path / "config.yaml").is_file() or not (path / "checkpoints" / "best.safetensors").is_file():
+    if not (path / "config.yaml").is_file() or find_checkpoint(path / "checkpoints", "best") is None:
         load_run(path)  # raises the RunDirError that names what is missing
     return resolve(read_yaml(path / "config.yaml"))
 
@@ -266,7 +272,7 @@ def default_output_dir(runs: Sequence[Path], specs: Sequence[str], suffix: str =
 def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
                       levels: Sequence[float] | str = DEFAULT_LEVELS, *, protocol: str = "all",
                       p: float | None = None, baseline: str | Path | None = None, split: str = "test",
-                      seed: int = 0, log=None) -> dict[str, Any]:
+                      seed: int = 0, log=None, progress: StartTask | None = None) -> dict[str, Any]:
     """Evaluate each run at each severity; return the report (see the module docstring).
 
     Args:
@@ -280,6 +286,8 @@ def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
         split: ``train``, ``val`` or ``test``.
         seed: fixes every random choice.
         log: optional ``callable(str)`` told which run is being evaluated.
+        progress: optional ``start(description, total)`` called once per run with the number of
+            samples it evaluates; the function it returns is told each batch's size.
 
     Raises:
         ConfigError: bad specs, levels, protocol, p or seed, or runs on different datasets.
@@ -325,9 +333,12 @@ def robustness_report(run_dirs: Sequence[str | Path], specs: Sequence[str],
             raise ConfigError(unknown_choice("a split of this dataset", split, bundle.splits))
         cspecs = resolve_specs(specs, bundle.modalities, str(q))
         data = bundle.splits[split]
+        passes = len(levels) + (0.0 not in levels)  # the clean pass is extra when 0 is not a level
+        advance = progress(str(q), passes * len(data)) if progress is not None else None
 
         def evaluate(severity: float) -> dict[str, Any]:
-            c = collect_corrupted(model, cfg, data, cspecs, severity, seed=seed, protocol=protocol, p=p_value)
+            c = collect_corrupted(model, cfg, data, cspecs, severity, seed=seed, protocol=protocol, p=p_value,
+                                  progress=advance)
             return summarize(c, model.modalities, model.task)
 
         results = {s: evaluate(s) for s in levels}
@@ -439,9 +450,11 @@ def sample_positions(n: int, count: int) -> list[int]:
 
 
 def weight_report(run_dir: str | Path, specs: Sequence[str], levels: Sequence[float] | str = DEFAULT_LEVELS, *,
-                  samples: int = 8, split: str = "test", seed: int = 0) -> dict[str, Any]:
+                  samples: int = 8, split: str = "test", seed: int = 0,
+                  progress: StartTask | None = None) -> dict[str, Any]:
     """Fusion weights of one run under corruption: the mean per modality at each severity, and
     per-sample weights for ``samples`` samples, clean vs at the highest level (protocol ``all``).
+    ``progress``: as in :func:`robustness_report`.
 
     Raises:
         ConfigError: bad specs or levels, or ``samples`` < 0.
@@ -464,9 +477,11 @@ def weight_report(run_dir: str | Path, specs: Sequence[str], levels: Sequence[fl
         raise ConfigError(unknown_choice("a split of this dataset", split, bundle.splits))
     cspecs = resolve_specs(specs, bundle.modalities, str(path))
     data = bundle.splits[split]
-    collected = {s: collect_corrupted(model, cfg, data, cspecs, s, seed=seed) for s in levels}
+    passes = len(levels) + (0.0 not in levels)
+    advance = progress(str(path), passes * len(data)) if progress is not None else None
+    collected = {s: collect_corrupted(model, cfg, data, cspecs, s, seed=seed, progress=advance) for s in levels}
     if 0.0 not in collected:
-        collected[0.0] = collect_corrupted(model, cfg, data, cspecs, 0.0, seed=seed)
+        collected[0.0] = collect_corrupted(model, cfg, data, cspecs, 0.0, seed=seed, progress=advance)
     per_level = []
     for s in levels:
         summary = summarize(collected[s], model.modalities, model.task)

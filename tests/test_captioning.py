@@ -291,7 +291,7 @@ def test_caption_run_reports_the_metrics_and_eval_repeats_them(caption_run):
     assert test["n"] == 16 and test["accuracy"] == test["cider"] and isinstance(test["meteor"], float)
     assert all(0 <= test[k] <= 1 for k in METRICS - {"cider"}) and test["cider"] >= 0
     assert test["mean_weights"] == {"image": pytest.approx(1.0)}
-    vocab = json.loads((caption_run / "checkpoints" / "best.json").read_text())["task"]["probe_classes"]
+    vocab = json.loads((caption_run / "checkpoints" / "best" / "meta.json").read_text())["task"]["probe_classes"]
     assert {"red", "circle", "triangle"} <= set(vocab) and not {"a", "the", "image"} & set(vocab)
     code, stdout, err = fusionkit("eval", str(caption_run), "--json")
     assert code == 0, err

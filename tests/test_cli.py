@@ -14,9 +14,10 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     assert (tiny_run / "config.yaml").is_file()
     lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
-    for name in ("best.safetensors", "best.json", "last.safetensors", "last.optim.safetensors", "last.json"):
+    for name in ("best/model.safetensors", "best/meta.json", "last/model.safetensors", "last/optim.safetensors",
+                 "last/meta.json"):
         assert (tiny_run / "checkpoints" / name).is_file(), name
-    assert not list((tiny_run / "checkpoints").glob("*.tmp"))  # atomic writes leave no temp files
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == ["best", "last"]  # no temp left
     results = json.loads((tiny_run / "results.json").read_text())
     assert set(results["test"]["unimodal_accuracy"]) == {"fou", "kar"}
     # train.calibrate (default): one temperature per head, fitted on val and stored in best
@@ -25,9 +26,9 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     cal = results["calibration"]
     assert set(cal) == {"fou", "kar"} and all(0.05 <= c["temperature"] <= 20 for c in cal.values())
     assert all(c["ece_after"] <= c["ece_before"] + 1e-6 for c in cal.values())
-    stored = load_file(str(tiny_run / "checkpoints" / "best.safetensors"))["fusion.heads.temperature"]
+    stored = load_file(str(tiny_run / "checkpoints" / "best" / "model.safetensors"))["fusion.heads.temperature"]
     assert stored.tolist() == pytest.approx([cal["fou"]["temperature"], cal["kar"]["temperature"]])
-    assert json.loads((tiny_run / "checkpoints" / "best.json").read_text())["calibration"] == cal
+    assert json.loads((tiny_run / "checkpoints" / "best" / "meta.json").read_text())["calibration"] == cal
 
 
 def test_eval_json_is_stable_and_matches_training(tiny_run):
@@ -69,11 +70,11 @@ def test_list_shows_every_kind_and_the_example_plugin():
 
 
 def test_existing_run_folder_is_not_overwritten(tiny_run):
-    before = (tiny_run / "checkpoints" / "best.safetensors").read_bytes()
+    before = (tiny_run / "checkpoints" / "best" / "model.safetensors").read_bytes()
     proc = run_cli("train", "--modalities", "fou,kar", "--out", str(tiny_run), *TINY)
     assert proc.returncode == 2
     assert "already exists; pass --overwrite" in proc.stderr
-    assert (tiny_run / "checkpoints" / "best.safetensors").read_bytes() == before
+    assert (tiny_run / "checkpoints" / "best" / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("args,message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch.utils.data import IterableDataset
 
 from conftest import ENCODER_SAMPLES, ENCODER_SPECS, TINY_ENCODERS, tiny_overrides, tiny_vlm
 from fusionkit.errors import ConfigError, RegistryError
@@ -174,12 +175,23 @@ def test_every_dataset_loads_with_disjoint_splits(name, tmp_path):
         from fusionkit.data.demo import write_demo
 
         block["path"] = str(write_demo(tmp_path, n_per_class=3, use_espeak=False).out_dir / "manifest.jsonl")
+    if name == "hf_datasets":  # a tiny dataset written with save_to_disk
+        from test_hf_datasets import tiny_saved_dataset
+
+        block["path"] = str(tiny_saved_dataset(tmp_path / "hf"))
+    if name == "webdataset":  # tiny tar shards
+        from test_webdataset import write_shards
+
+        block.update(write_shards(tmp_path))
     bundle = build("datasets", block).load()
-    ids = [set(split.ids) for split in bundle.splits.values()]
+    # a streamed split (webdataset) has no random access: its sample ids come from reading it
+    ids = [{it["id"] for it in split} if isinstance(split, IterableDataset) else set(split.ids)
+           for split in bundle.splits.values()]
     assert set(bundle.splits) >= {"train", "val", "test"}
     assert all(len(s) > 0 for s in ids)
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-    item = bundle.splits["train"][0]
+    train = bundle.splits["train"]
+    item = next(iter(train)) if isinstance(train, IterableDataset) else train[0]
     assert set(item["inputs"]) == set(bundle.modalities)
     if bundle.info.get("task", "classification") == "vqa":  # VQA targets: reference answers
         assert item["target"]["answers"] and all(isinstance(a, str) and a for a in item["target"]["answers"])

@@ -163,7 +163,7 @@ def test_retrieval_run_reports_recall_and_eval_repeats_it(retrieval_run):
     assert test["q2t_r1"] <= test["q2t_r5"] <= test["q2t_r10"] and 1 <= test["q2t_median_rank"] <= 400
     assert set(test["mean_weights"]) == {"image", "mor"} and sum(test["mean_weights"].values()) == pytest.approx(1.0)
     assert all(0 <= v <= 1 for v in test["unimodal_accuracy"].values())
-    with safe_open(str(retrieval_run / "checkpoints" / "best.safetensors"), "pt") as f:
+    with safe_open(str(retrieval_run / "checkpoints" / "best" / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert "decoder.logit_scale" in keys and "decoder.target_proj.weight" in keys
     assert not [k for k in keys if k.startswith("decoder.target_encoder.")]  # frozen MiniLM: rebuilt, not stored

@@ -265,7 +265,7 @@ def test_runs_on_different_data_or_without_checkpoint_are_refused(tiny_run, tmp_
     (other / "config.yaml").write_text(cfg.replace("split_seed: 0", "split_seed: 1"))
     with pytest.raises(ConfigError, match="runs use different datasets"):
         robustness_report([tiny_run, other], ["fou:gaussian_noise"], [0.0])
-    (other / "checkpoints" / "best.safetensors").unlink()
+    shutil.rmtree(other / "checkpoints" / "best")
     with pytest.raises(RunDirError, match="has no checkpoint 'best'"):
         robustness_report([tiny_run], ["fou:gaussian_noise"], [0.0], baseline=other)
 

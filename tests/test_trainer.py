@@ -44,17 +44,18 @@ def test_checkpoint_roundtrip_is_exact(tmp_path):
     opt.step()
     save_checkpoint(tmp_path, "ck", model, {"epoch": 7}, optimizer=opt)
     other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    meta = load_weights(other, tmp_path / "ck.safetensors")
+    meta = load_weights(other, tmp_path / "ck")
     assert meta["epoch"] == 7 and "param_groups" in meta["optimizer"]
     for a, b in zip(model.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.optim.safetensors", "ck.safetensors"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "ck", "ck/meta.json", "ck/model.safetensors", "ck/optim.safetensors"]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-    save_checkpoint(tmp_path, "ck", torch.nn.Linear(3, 4), {})
+    path = save_checkpoint(tmp_path, "ck", torch.nn.Linear(3, 4), {})
     with pytest.raises(RunDirError, match="does not fit this model"):
-        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), tmp_path / "ck.safetensors")
+        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), path)
 
 
 def test_run_folders_are_never_silently_reused(tmp_path):

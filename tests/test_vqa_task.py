@@ -94,7 +94,7 @@ def test_train_reports_vqa_metrics_and_stores_the_answer_vocabulary(vqa_run):
     assert 0 <= test["exact_match"] <= 1
     assert set(test["per_type"]) <= {"yes/no", "shape", "color"}
     assert sum(t["n"] for t in test["per_type"].values()) == 40
-    vocab = json.loads((run / "checkpoints" / "best.json").read_text())["task"]["probe_classes"]
+    vocab = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())["task"]["probe_classes"]
     assert len(vocab) >= 2 and len(set(vocab)) == len(vocab)
     assert all(isinstance(a, str) for a in vocab) and set(vocab) <= EASY_VQA_ANSWERS
 

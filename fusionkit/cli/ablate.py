@@ -19,18 +19,20 @@ import click
               "rows show mean +/- std over them.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="New folder for runs and tables.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.argument("overrides", nargs=-1)
-def ablate(config_path, corrupt, severity, protocol, p, variants, seeds, out, overwrite, overrides):
+def ablate(config_path, corrupt, severity, protocol, p, variants, seeds, out, overwrite, no_progress, overrides):
     """Train the DMS ablation grid and tabulate clean vs corrupted accuracy."""
-    from rich.console import Console
     from rich.table import Table
 
     from fusionkit.ablation import run_ablation, variant_configs
+    from fusionkit.cli.main import console, err_console
+    from fusionkit.cli.terminal import progress_bar, table_title, tasks
     from fusionkit.config import apply_override, load_raw
     from fusionkit.corruptions.base import check_severity
     from fusionkit.training.trainer import prepare_run_dir
 
-    check_severity(severity)
+    check_severity(severity, ", ".join(corrupt))  # names the --corrupt spec(s) it is for
     raw = load_raw(config_path)
     for item in overrides:
         apply_override(raw, item)
@@ -46,15 +48,16 @@ def ablate(config_path, corrupt, severity, protocol, p, variants, seeds, out, ov
         raise ConfigError(f"--seeds: give distinct integers, e.g. 0,1,2 (got {seeds!r})")
     variant_configs(raw, names)  # every variant validates before anything is written
     out_dir = prepare_run_dir(Path(out), overwrite)
-    console = Console(stderr=True)
-    result = run_ablation(raw, out_dir, list(corrupt), severity, variants=names, seeds=seed_list, protocol=protocol,
-                          p=p, overwrite=overwrite, log=lambda s: console.print(s, style="dim", markup=False))
-    table = Table(title=f"ablation: clean vs {', '.join(corrupt)} at severity {severity}, seeds "
-                        f"{result['seeds']}, accuracy in % ({out_dir})")
+    with progress_bar(err_console, not no_progress) as bar:
+        result = run_ablation(raw, out_dir, list(corrupt), severity, variants=names, seeds=seed_list,
+                              protocol=protocol, p=p, overwrite=overwrite, progress=tasks(bar),
+                              log=lambda s: err_console.print(s, style="dim", markup=False, highlight=False))
+    table = Table(title=table_title(f"ablation: clean vs {', '.join(corrupt)} at severity {severity}, seeds "
+                                    f"{result['seeds']}, accuracy in % ({out_dir})"))
     for col in ("variant", "clean acc", "corrupted acc", "drop (pts)", "AUC"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in result["rows"]:
         table.add_row(r["variant"], pm(r["clean_accuracy"], r["clean_accuracy_std"]),
                       pm(r["corrupted_accuracy"], r["corrupted_accuracy_std"]),
                       pm(r["drop_points"], r["drop_points_std"], 1.0), pm(r["auc"], r["auc_std"]))
-    Console(width=200).print(table)
+    console.print(table)

@@ -6,6 +6,7 @@ User mistakes (a bad key, an unknown component, a missing file) print one line a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,12 +15,26 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from fusionkit.errors import FusionkitError
+from fusionkit.errors import ConfigError, FusionkitError
 
-# piped output (scripts, tests) gets wide lines instead of wrapped table cells
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+# piped output (scripts, tests): tables keep their natural width, never wrapped or cut with "..."
+# (a console width is only a maximum; nothing fusionkit prints pads lines to it)
+PIPE_WIDTH = 100_000
+console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
+
+
+def _modality_list(text: str) -> list[str]:
+    """``--modalities image,text`` as a list; an empty value or an empty name is a one-line error."""
+    names = [m.strip() for m in text.split(",")]
+    if not any(names):
+        raise ConfigError("--modalities is empty; give e.g. image,text")
+    if "" in names:
+        raise ConfigError(f"--modalities {text!r} has an empty name; separate names with single commas, "
+                          "e.g. image,text")
+    return names
 
 
 def _load_plugins(plugins: tuple[str, ...]) -> None:
@@ -57,18 +72,32 @@ def cli(ctx: click.Context, plugins: tuple[str, ...], debug: bool) -> None:
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<dataset>-<modalities>-<fusion>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False),
+              help="Continue the interrupted run in this folder after its last saved epoch, as its config.yaml "
+                   "says (overrides may only change where it runs: runtime.threads, runtime.accelerator ...).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--cache-features", is_flag=True,
               help="Compute frozen encoders' outputs once, on disk (~/.cache/fusionkit/features), and reuse them.")
 @click.argument("overrides", nargs=-1)
-def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, seed, out, overwrite, no_progress,
-          cache_features, overrides):
+def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, seed, out, overwrite, resume,
+          no_progress, cache_features, overrides):
     """Train a model; OVERRIDES are key.path=value pairs (e.g. train.lr=3e-4)."""
     from fusionkit.config import apply_override, load_raw, resolve
+    from fusionkit.datasets.base import untrained_class_warning
+    from fusionkit.training.resume import check_resumable, check_resume_config, run_config
+    from fusionkit.training.run_folder import RunLock, recover_run_dir
     from fusionkit.training.trainer import load_data, next_free_dir, prepare_run_dir, seed_and_build
     from fusionkit.training.trainer import train as run_train
 
-    raw = load_raw(config_path)
+    for option, value in (("--config", config_path), ("--data", data_path), ("--fusion", fusion), ("--out", out)):
+        if value is not None and not value.strip():  # e.g. an unset shell variable: never silently the default
+            raise ConfigError(f"{option} is empty; give a value or leave the option out")
+    if resume and (config_path or out or overwrite):
+        raise ConfigError("--resume continues a run as its own config.yaml says, in its own folder: "
+                          "leave out --config, --out and --overwrite")
+    raw = run_config(Path(resume)) if resume else load_raw(config_path)
+    if modalities is not None:
+        raw["modalities"] = _modality_list(modalities)
     if fusion:
         current = (raw.get("model") or {}).get("fusion")
         current_name = current.get("name") if isinstance(current, dict) else current
@@ -82,26 +111,45 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
         raw["data"] = {**keep, "name": "manifest", "path": str(Path(data_path).expanduser().resolve())}
     extra = [f"data.on_bad_sample={on_bad_sample}"] if on_bad_sample else []
     extra += ["train.cache_features=true"] if cache_features else []
-    extra += [f"modalities=[{modalities}]"] if modalities else []
     extra += [f"train.epochs={epochs}"] if epochs is not None else []
     extra += [f"seed={seed}"] if seed is not None else []
     for item in [*extra, *overrides]:
         apply_override(raw, item)
     cfg = resolve(raw)
+    worker = os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("FUSIONKIT_RUN_DIR")
+    if resume and not worker:  # before any data is loaded: a finished run or a changed model fails fast
+        check_resume_config(Path(resume), cfg)
+        check_resumable(Path(resume))
     bundle = load_data(cfg)  # before the run folder exists: bad data or a bad model leaves nothing behind
+    if (summary := bundle.info.get("summary")) and not worker:  # which column became which modality
+        err_console.print(summary, highlight=False, soft_wrap=True, markup=False)
+    if (warning := untrained_class_warning(bundle)) and os.environ.get("LOCAL_RANK", "0") == "0":
+        err_console.print(Text.assemble(("warning: ", "yellow"), warning), highlight=False, soft_wrap=True)
     model = seed_and_build(cfg, bundle)
-    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("FUSIONKIT_RUN_DIR"):
-        # a DDP worker re-launched by Fabric: rank 0 already chose and created the folder
+    if worker:  # a DDP worker re-launched by Fabric: rank 0 already chose, locked and created the folder
         run_dir = Path(os.environ["FUSIONKIT_RUN_DIR"])
-    elif out:
-        run_dir = prepare_run_dir(Path(out), overwrite)
     else:
         name = f"{cfg.data['name']}-{'+'.join(cfg.modalities)}-{cfg.model.fusion['name']}-seed{cfg.seed}"
-        run_dir = prepare_run_dir(next_free_dir(Path("runs") / name), overwrite=False)
-    os.environ["FUSIONKIT_RUN_DIR"] = str(run_dir.resolve())
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        err_console.print(f"[bold]run folder[/] {run_dir}")
-    result = run_train(cfg, run_dir, console=err_console, show_progress=not no_progress, bundle=bundle, model=model)
+        run_dir = Path(resume or out or next_free_dir(Path("runs") / name))
+    try:
+        # the lock is held for the whole run: a second process training into run_dir stops here
+        with contextlib.nullcontext() if worker else RunLock(run_dir) as lock:
+            if resume and not worker:
+                recover_run_dir(run_dir)  # a checkpoint swap or a write that a crash cut short
+                check_resumable(run_dir)
+            elif not worker:
+                prepare_run_dir(run_dir, overwrite=overwrite and bool(out))
+            os.environ["FUSIONKIT_RUN_DIR"] = str(run_dir.resolve())
+            if not worker:
+                err_console.print(Text.assemble(("run folder ", "bold"), str(run_dir)), highlight=False, soft_wrap=True)
+            result = run_train(cfg, run_dir, console=err_console,
+                               show_progress=not no_progress and err_console.is_terminal,
+                               bundle=bundle, model=model, resume=bool(resume), lock=lock)
+    except KeyboardInterrupt:
+        if not worker:
+            err_console.print(f"interrupted; `fusionkit train --resume {run_dir}` continues after the last "
+                              f"saved epoch", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(130)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         _print_result_table(result.test, f"test results (best epoch {result.best_epoch}) - {run_dir}",
                             result.calibration)
@@ -113,7 +161,7 @@ def _print_skipped(rows: list[dict], path: Path | None, limit: int = 50) -> None
     if not rows:
         return
     where = f"; all of them in {path}" if path else ""
-    err_console.print(f"[yellow]skipped {len(rows)} row(s)[/]{where}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble((f"skipped {len(rows)} row(s)", "yellow"), where), highlight=False, soft_wrap=True)
     for row in rows[:limit]:
         split = f" ({row['split']})" if row.get("split") else ""
         err_console.print(f"  line {row['id']}{split} [{row['stage']}]: {row['reason']}",
@@ -125,7 +173,9 @@ def _print_skipped(rows: list[dict], path: Path | None, limit: int = 50) -> None
 def _print_result_table(metrics: dict, title: str, calibration: dict | None = None) -> None:
     """Fused and per-head accuracy with mean weights; with ``calibration`` (a training result), each
     head's temperature and its ECE before and after on the validation split, and test ECE."""
-    table = Table(title=title)
+    from fusionkit.cli.terminal import table_title
+
+    table = Table(title=table_title(title))  # Text: a run folder like runs/[a] is not markup, nor wrapped
     table.add_column("model")
     table.add_column("accuracy", justify="right")
     table.add_column("mean weight", justify="right")
@@ -139,7 +189,7 @@ def _print_result_table(metrics: dict, title: str, calibration: dict | None = No
         if "cider" in metrics else " (mean R@1)" if "q2t_r1" in metrics else ""
     table.add_row("[bold]fused[/]" + what, fmt(metrics["accuracy"]), "", fmt(metrics.get("ece")))
     for m, acc in metrics["unimodal_accuracy"].items():
-        row = [f"{m} {'probe' if generative else 'head'}", fmt(acc), f"{metrics['mean_weights'][m]:.3f}",
+        row = [Text(f"{m} {'probe' if generative else 'head'}"), fmt(acc), f"{metrics['mean_weights'][m]:.3f}",
                fmt(metrics.get("unimodal_ece", {}).get(m))]
         if calibration:
             c = calibration.get(m, {})
@@ -163,17 +213,23 @@ def _print_result_table(metrics: dict, title: str, calibration: dict | None = No
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path())
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--checkpoint", default="best", show_default=True, help="best or last.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_cmd(run_dir, split, checkpoint, as_json):
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def eval_cmd(run_dir, split, checkpoint, as_json, no_progress):
     """Evaluate a trained run folder on a split."""
+    from fusionkit.cli.terminal import progress_bar, tasks
     from fusionkit.evaluation import collect, summarize
     from fusionkit.training.trainer import load_run, make_loader, skipped_rows, track_skipped
 
     cfg, bundle, model = load_run(Path(run_dir), checkpoint)
     loader = make_loader(model, bundle.splits[split], cfg, shuffle=False)
     seen: dict = {}
-    metrics = summarize(collect(model, track_skipped(loader, split, seen)), model.modalities, model.task)
+    with progress_bar(err_console, not no_progress) as bar:
+        advance = tasks(bar)(f"evaluating {split}", len(bundle.splits[split]))
+        c = collect(model, track_skipped(loader, split, seen), progress=advance)
+    metrics = summarize(c, model.modalities, model.task)
     _print_skipped([r for r in skipped_rows(bundle, seen) if r.get("split") in (split, None)], None)
     metrics = {"split": split, **metrics}
     if as_json:
@@ -190,14 +246,15 @@ def list_cmd(kind):
     from fusionkit.registry import REGISTRIES, load_entry_point_plugins, registry
 
     load_entry_point_plugins()
-    kinds = [registry(kind).kind] if kind else sorted(REGISTRIES)
+    kinds = [registry(kind).kind] if kind is not None else sorted(REGISTRIES)
     for k in kinds:
         table = Table(title=k, title_justify="left", show_header=True)
         table.add_column("name", style="bold")
         table.add_column("description")
         table.add_column("from")
         for entry in registry(k).entries():
-            table.add_row(entry.name, entry.description, entry.source)
+            # Text, not str: a docstring's "[z_1; ...; z_M]" or ":x:" is shown as written, not as markup
+            table.add_row(Text(entry.name), Text(entry.description), Text(entry.source))
         console.print(table)
 
 
@@ -234,6 +291,9 @@ from fusionkit.cli.retrieve import retrieve  # noqa: E402
 
 cli.add_command(generate)
 cli.add_command(retrieve)
+from fusionkit.cli.predict import predict  # noqa: E402
+
+cli.add_command(predict)
 
 cli.add_command(ablate)
 
@@ -252,11 +312,20 @@ def main(argv: list[str] | None = None) -> None:
     except FusionkitError as err:
         if debug:
             raise
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # Text, not markup: the message quotes user input ("got '[fou,,kar]'", paths, names)
+        err_console.print(Text.assemble(("error:", "red"), " ", str(err)), highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as err:
+        err.show()  # `fusionkit` alone: the help text
+        sys.exit(err.exit_code)
+    except click.UsageError as err:  # a bad option or command: one line, like every other user mistake
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        message = " ".join(err.format_message().split())
+        err_console.print(Text.assemble(("error:", "red"), f" {message}{where}"), highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

@@ -20,7 +20,7 @@ from fusionkit.errors import ConfigError, DataError, RunDirError
 def read_gallery(path: Path) -> list[str]:
     """Texts of a JSONL gallery (``{"text": ...}`` per line, blank lines skipped); a DataError for
     a bad line or a file without items."""
-    from fusionkit.cli.generate import jsonl_objects
+    from fusionkit.prediction import jsonl_objects
 
     texts = []
     for n, row in jsonl_objects(path, "--gallery"):
@@ -49,16 +49,13 @@ def split_texts(bundle) -> list[str]:
 @click.option("--top", type=int, default=5, show_default=True, help="How many matches to print.")
 @click.option("--gallery", "gallery_path", type=click.Path(), help="JSONL file with a 'text' per line "
               "(default: the run's test-split target texts).")
-@click.option("--checkpoint", default="best", show_default=True, help="best or last.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of the run.")
 def retrieve(run_dir, query_image, query_text, inputs, top, gallery_path, checkpoint):
     """Print the gallery texts that best match one query (a retrieval run)."""
-    import torch
-
-    from fusionkit.cli.generate import _sample_value
     from fusionkit.cli.main import console, err_console
     from fusionkit.config import read_yaml, resolve
-    from fusionkit.data.loader import Collate
-    from fusionkit.tasks.retrieval import embed_queries
+    from fusionkit.prediction import rank_records, run_specs, sample_rows
     from fusionkit.training.trainer import load_run
 
     run_dir = Path(run_dir)
@@ -79,24 +76,14 @@ def retrieve(run_dir, query_image, query_text, inputs, top, gallery_path, checkp
     if not given:
         raise ConfigError("no query: pass --query-image, --query-text or --input NAME=VALUE")
     gallery = read_gallery(Path(gallery_path)) if gallery_path else None  # before loading the model
+    rows = sample_rows(given, run_specs(cfg))
     cfg, bundle, model = load_run(run_dir, checkpoint)
-    unknown = sorted(set(given) - set(bundle.modalities))
-    if unknown:
-        raise ConfigError(f"this run's modalities are {sorted(bundle.modalities)}; it has no {unknown}")
     if gallery is None:
         gallery = split_texts(bundle)
         if not gallery:
             raise DataError(f"run '{run_dir}': the test split has no target texts to search; pass --gallery FILE.jsonl")
-    encoders = dict(model.encoders.items())
-    item = {m: (encoders[m].preprocess(_sample_value(bundle.modalities[m].kind, given[m], None)) if m in given
-                else None) for m in model.modalities}
-    batch = Collate(encoders, model.task.collate_targets)([{"inputs": item, "target": None, "index": 0}])
-    with torch.no_grad():
-        candidates = model.decoder.embed_texts(gallery)  # (N, E)
-        query, fused = embed_queries(model, batch, candidates)  # (1, E)
-        scores = (query @ candidates.T)[0]  # (N,): cosine similarity
-    best = scores.topk(min(top, len(gallery)))
-    for rank, (score, j) in enumerate(zip(best.values.tolist(), best.indices.tolist()), start=1):
-        console.print(f"{rank}. {score:.4f}  {gallery[j]}", markup=False, highlight=False)
-    weights = ", ".join(f"{m} {float(fused.weights[0, j]):.3f}" for j, m in enumerate(model.modalities))
+    (record,) = rank_records(model, cfg, rows, gallery, top)
+    for rank, match in enumerate(record["matches"], start=1):
+        console.print(f"{rank}. {match['score']:.4f}  {match['text']}", markup=False, highlight=False)
+    weights = ", ".join(f"{m} {w:.3f}" for m, w in record["weights"].items())
     err_console.print(f"DMS weights: {weights}  ({len(gallery)} gallery texts)", markup=False, highlight=False)

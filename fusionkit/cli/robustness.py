@@ -2,6 +2,8 @@
 
 The library code lives in :mod:`fusionkit.robustness`; torch and matplotlib are imported inside
 the commands so ``fusionkit --help`` stays fast. Nothing is ever written into a run folder.
+Tables go to stdout and the progress bar to stderr, through the consoles of
+:mod:`fusionkit.cli.main` (so piped tables keep their full width).
 """
 
 from __future__ import annotations
@@ -10,11 +12,8 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
-
-console = Console()
-err_console = Console(stderr=True)
+from rich.text import Text
 
 LEVELS_HELP = "Comma-separated severities in [0, 1]."
 CORRUPT_HELP = ("Corruption spec MODALITY:CORRUPTION (e.g. fou:gaussian_noise) or missing:MODALITY "
@@ -22,7 +21,9 @@ CORRUPT_HELP = ("Corruption spec MODALITY:CORRUPTION (e.g. fou:gaussian_noise) o
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title, title_justify="left")
+    from fusionkit.cli.terminal import table_title
+
+    table = Table(title=table_title(title), title_justify="left")
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i == 0 or name in ("fusion", "mean weights") else "right")
     for row in rows:
@@ -46,8 +47,11 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
               help="Output folder (default: robustness/<first run>-<specs>).")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs in an existing folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
-def robustness(run_dirs, corrupt, levels, protocol, p, baseline, split, seed, out, overwrite, as_json):
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def robustness(run_dirs, corrupt, levels, protocol, p, baseline, split, seed, out, overwrite, as_json, no_progress):
     """Accuracy, calibration and fusion weights of RUN_DIRs as corruption severity grows."""
+    from fusionkit.cli.main import console, err_console
+    from fusionkit.cli.terminal import progress_bar, tasks
     from fusionkit.robustness import (
         LEVEL_HEADER,
         REPORT_FILES,
@@ -61,18 +65,22 @@ def robustness(run_dirs, corrupt, levels, protocol, p, baseline, split, seed, ou
         title,
         write_report,
     )
+    from fusionkit.training.run_folder import check_creatable, make_dir
 
     runs = [Path(r) for r in run_dirs] + ([Path(baseline)] if baseline else [])
     out_dir = check_output_dir(Path(out), overwrite, runs) if out else default_output_dir(runs, corrupt)
-    report = robustness_report(run_dirs, corrupt, levels, protocol=protocol, p=p, baseline=baseline,
-                               split=split, seed=seed, log=lambda msg: err_console.print(msg, highlight=False))
-    write_report(report, prepare_output_dir(out_dir, REPORT_FILES))
+    check_creatable(out_dir, "robustness folder")  # before the evaluation: a bad --out fails in one line
+    with progress_bar(err_console, not no_progress) as bar:
+        report = robustness_report(run_dirs, corrupt, levels, protocol=protocol, p=p, baseline=baseline,
+                                   split=split, seed=seed, progress=tasks(bar),
+                                   log=lambda msg: err_console.print(msg, highlight=False, markup=False))
+    write_report(report, prepare_output_dir(make_dir(out_dir, "robustness folder"), REPORT_FILES))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         console.print(_table(title(report), SUMMARY_HEADER, summary_rows(report)))
         console.print(_table("per severity", LEVEL_HEADER, level_rows(report)))
-    err_console.print(f"[bold]robustness folder[/] {out_dir}", highlight=False)
+    err_console.print(Text.assemble(("robustness folder ", "bold"), str(out_dir)), highlight=False, soft_wrap=True)
 
 
 @click.command("weights")
@@ -86,8 +94,11 @@ def robustness(run_dirs, corrupt, levels, protocol, p, baseline, split, seed, ou
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output folder (default: robustness/<run>-<specs>-weights).")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs in an existing folder.")
-def weights(run_dir, corrupt, levels, samples, split, seed, out, overwrite):
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def weights(run_dir, corrupt, levels, samples, split, seed, out, overwrite, no_progress):
     """Fusion weights of RUN_DIR under corruption: mean per modality vs severity, and per sample."""
+    from fusionkit.cli.main import console, err_console
+    from fusionkit.cli.terminal import progress_bar, tasks
     from fusionkit.robustness import (
         WEIGHT_FILES,
         check_output_dir,
@@ -96,11 +107,15 @@ def weights(run_dir, corrupt, levels, samples, split, seed, out, overwrite):
         weight_report,
         write_weights,
     )
+    from fusionkit.training.run_folder import check_creatable, make_dir
 
     out_dir = check_output_dir(Path(out), overwrite, [Path(run_dir)], "weights") if out else \
         default_output_dir([Path(run_dir)], corrupt, "weights")
-    report = weight_report(run_dir, corrupt, levels, samples=samples, split=split, seed=seed)
-    write_weights(report, prepare_output_dir(out_dir, WEIGHT_FILES))
+    check_creatable(out_dir, "weights folder")
+    with progress_bar(err_console, not no_progress) as bar:
+        report = weight_report(run_dir, corrupt, levels, samples=samples, split=split, seed=seed,
+                               progress=tasks(bar))
+    write_weights(report, prepare_output_dir(make_dir(out_dir, "weights folder"), WEIGHT_FILES))
     modalities = report["modalities"]
     rows = [[f"{x['severity']:g}", f"{x['accuracy']:.4f}", *(f"{x['mean_weights'][m]:.3f}" for m in modalities)]
             for x in report["mean_weights"]]
@@ -118,4 +133,4 @@ def weights(run_dir, corrupt, levels, samples, split, seed, out, overwrite):
                               f"{scale[sig]['mean']:.4g} / {scale[sig]['std']:.3g}" if sig in scale else "raw"])
         console.print(_table("quality signals: mean (std) per modality; scheduler standardisation mean / std",
                              ["signal", "severity", *modalities, "standardised by"], srows))
-    err_console.print(f"[bold]weights folder[/] {out_dir}", highlight=False)
+    err_console.print(Text.assemble(("weights folder ", "bold"), str(out_dir)), highlight=False, soft_wrap=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def _write_video(frame: np.ndarray, path: Path, codec: str, rng: np.random.Gener
 
 
 def write_demo(out_dir: str | Path, n_per_class: int = 20, seed: int = 0, overwrite: bool = False,
-               use_espeak: bool | None = None) -> DemoResult:
+               use_espeak: bool | None = None, progress: Callable[[int], None] | None = None) -> DemoResult:
     """Write the demo dataset into ``out_dir`` (see the module docstring).
 
     Args:
@@ -137,6 +138,7 @@ def write_demo(out_dir: str | Path, n_per_class: int = 20, seed: int = 0, overwr
         seed: fixes which scans, captions, voices, missing modalities and split each sample gets.
         overwrite: replace the files of an earlier demo in a non-empty ``out_dir``.
         use_espeak: None = espeak-ng if it is on PATH; False = always the tone fallback.
+        progress: called with 1 after each sample is written (a progress bar's advance).
 
     Raises:
         RunDirError: ``out_dir`` is not empty and ``overwrite`` is false.
@@ -196,6 +198,8 @@ def write_demo(out_dir: str | Path, n_per_class: int = 20, seed: int = 0, overwr
         if lacks:
             missing[lacks] += 1
         rows.append({**row, "label": digit, "split": split_of[src]})
+        if progress is not None:
+            progress(1)
 
     with open(out / "manifest.jsonl", "w") as f:
         for row in rows:

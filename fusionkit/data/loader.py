@@ -10,6 +10,11 @@ Skipping bad samples (``data.on_bad_sample: skip``): a split may return a marker
 of such a split become markers too. ``Collate`` leaves marked items out and lists them in
 ``batch["skipped"] = [(id, reason), ...]`` (always present, usually empty), so the trainer can
 report them. A batch whose samples were all skipped has B = 0; callers skip it.
+
+Streamed splits (an ``IterableDataset``, e.g. WebDataset shards) go through :class:`EncodedStream`
+instead of :class:`EncodedDataset`; :func:`encoded` picks the right one. A DataLoader over a
+stream takes ``shuffle=False``: the split shuffles itself (shard order and a sample buffer) and
+splits its shards across DDP ranks and DataLoader workers.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from fusionkit.encoders.base import Encoder
 from fusionkit.errors import DataError, FusionkitError
@@ -34,22 +39,50 @@ class EncodedDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.split[i]
         ids = getattr(self.split, "ids", None)
+        describe = getattr(self.split, "describe", None)  # e.g. "manifest 'x.jsonl' line 7"
         ident = ids[i] if ids else i
-        if "skip" in item:  # the split could not decode this sample and skipping is on
-            return {"skip": item["skip"], "id": item.get("id", ident), "index": item["index"]}
-        inputs = {}
-        for m, enc in self.encoders.items():
-            raw = item["inputs"].get(m)
-            try:
-                inputs[m] = None if raw is None else enc.preprocess(raw)
-            except FusionkitError as err:
-                if getattr(self.split, "on_bad_sample", "error") == "skip":
-                    return {"skip": f"modality '{m}': {err}", "id": ident, "index": item["index"]}
-                describe = getattr(self.split, "describe", None)  # e.g. "manifest 'x.jsonl' line 7"
-                raise DataError(f"{describe(i) if describe else f'sample {ident}'}, modality '{m}': {err}") from None
-        return {"inputs": inputs, "target": item["target"], "index": item["index"]}
+        return _encode(self.split, self.encoders, self.split[i], ident,
+                       lambda: describe(i) if describe else f"sample {ident}")
+
+
+class EncodedStream(IterableDataset):
+    """:class:`EncodedDataset` for a streamed split: preprocesses items as the split yields them
+    (in each DataLoader worker). Items carry their ``id``; ``len`` is the split's."""
+
+    def __init__(self, split: IterableDataset, encoders: dict[str, Encoder]):
+        self.split = split
+        self.encoders = encoders
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __iter__(self):
+        for item in self.split:
+            ident = item.get("id", item["index"])
+            yield _encode(self.split, self.encoders, item, ident, lambda: f"sample '{ident}'")
+
+
+def encoded(split: Dataset, encoders: dict[str, Encoder]) -> Dataset:
+    """:class:`EncodedStream` for a streamed split (build its DataLoader with ``shuffle=False``),
+    :class:`EncodedDataset` for any other."""
+    return EncodedStream(split, encoders) if isinstance(split, IterableDataset) else EncodedDataset(split, encoders)
+
+
+def _encode(split, encoders: dict[str, Encoder], item: dict[str, Any], ident: Any, where) -> dict[str, Any]:
+    """One split item -> preprocessed inputs, or a skip marker (``where()`` names it in errors)."""
+    if "skip" in item:  # the split could not decode this sample and skipping is on
+        return {"skip": item["skip"], "id": item.get("id", ident), "index": item["index"]}
+    inputs = {}
+    for m, enc in encoders.items():
+        raw = item["inputs"].get(m)
+        try:
+            inputs[m] = None if raw is None else enc.preprocess(raw)
+        except FusionkitError as err:
+            if getattr(split, "on_bad_sample", "error") == "skip":
+                return {"skip": f"modality '{m}': {err}", "id": ident, "index": item["index"]}
+            raise DataError(f"{where()}, modality '{m}': {err}") from None
+    return {"inputs": inputs, "target": item["target"], "index": item["index"]}
 
 
 class Collate:

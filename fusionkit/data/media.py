@@ -6,13 +6,18 @@
   (``torchaudio.load`` is not used: in torchaudio 2.9 it needs torchcodec.)
 - :func:`load_video`: PyAV -> ``np.uint8 (F, H, W, 3)`` plus the frame rate, optionally
   subsampled uniformly to ``max_frames`` while decoding, so a long video never sits in memory.
+- :func:`decode_image`, :func:`decode_audio`, :func:`decode_video`: the same for a file's bytes
+  held in memory (a tar member of a WebDataset shard, a Hugging Face ``datasets`` cell); ``name``
+  (e.g. ``shard.tar:000001.wav``) is what error messages call it, and its suffix picks the reader.
 
 Every failure is a :class:`~fusionkit.errors.DataError` that names the file and the reason.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+from pathlib import Path, PurePath
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -25,6 +30,11 @@ SOUNDFILE_SUFFIXES = (".wav", ".flac", ".ogg")  # read by libsndfile; everything
 def _reason(err: Exception) -> str:
     """FFmpeg errors repeat the file name; keep only what went wrong."""
     return str(getattr(err, "strerror", None) or err)
+
+
+def _without(reason: str, source: object) -> str:
+    """Drop the ``<_io.BytesIO object at 0x...>`` that readers print for in-memory data."""
+    return reason if isinstance(source, (str, Path)) else reason.replace(f" {source!r}", "")
 
 
 def _existing(path: str | Path, what: str) -> Path:
@@ -44,8 +54,21 @@ def load_image(path: str | Path) -> Image.Image:
         DataError: the file is missing, unreadable or not a decodable image.
     """
     path = _existing(path, "image")
+    return _read_image(path, f"image file '{path}'")
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """:func:`load_image` for an image file's bytes; ``name`` says where they come from.
+
+    Raises:
+        DataError: the bytes are not a decodable image.
+    """
+    return _read_image(io.BytesIO(data), f"image '{name}'")
+
+
+def _read_image(source: Path | BinaryIO, what: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()  # decode now, so a truncated file fails here and not in a worker later
             if img.mode in ("L", "RGB"):
                 return img.copy()
@@ -53,28 +76,28 @@ def load_image(path: str | Path) -> Image.Image:
             return img.convert("L" if gray else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
         # UnidentifiedImageError is an OSError; a truncated PNG raises OSError or SyntaxError
-        reason = str(err).replace(f" '{path}'", "")  # Pillow repeats the file name
-        raise DataError(f"image file '{path}' cannot be decoded: {reason}") from None
+        reason = _without(str(err).replace(f" '{source}'", ""), source)  # Pillow repeats the file name
+        raise DataError(f"{what} cannot be decoded: {reason}") from None
 
 
 # -- audio ---------------------------------------------------------------------------------
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
+def _read_soundfile(source: str | BinaryIO, what: str) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as err:
-        raise DataError(f"audio file '{path}' cannot be decoded: {err}") from None
+        raise DataError(f"{what} cannot be decoded: {_without(str(err), source)}") from None
     return np.ascontiguousarray(data.T), int(rate)  # (C, T)
 
 
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
+def _read_pyav(source: str | BinaryIO, what: str) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.audio:
-                raise DataError(f"audio file '{path}' has no audio stream")
+                raise DataError(f"{what} has no audio stream")
             stream = container.streams.audio[0]
             # planar float32 keeps channels apart: to_ndarray() is then (C, n) for every codec
             resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
@@ -87,9 +110,9 @@ def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
     except DataError:
         raise
     except (av.FFmpegError, ValueError, OSError) as err:
-        raise DataError(f"audio file '{path}' cannot be decoded: {_reason(err)}") from None
+        raise DataError(f"{what} cannot be decoded: {_reason(err)}") from None
     if not chunks:
-        raise DataError(f"audio file '{path}' has zero samples")
+        raise DataError(f"{what} has zero samples")
     return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), int(rate)  # (C, T)
 
 
@@ -102,11 +125,38 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
         DataError: the file is missing, cannot be decoded, or holds zero samples.
     """
     path = _existing(path, "audio")
-    data, rate = (_read_soundfile if path.suffix.lower() in SOUNDFILE_SUFFIXES else _read_pyav)(path)
+    what = f"audio file '{path}'"
+    reader = _read_soundfile if path.suffix.lower() in SOUNDFILE_SUFFIXES else _read_pyav
+    return _checked_audio(*reader(str(path), what), sample_rate, what)
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int) -> np.ndarray:
+    """:func:`load_audio` for an audio file's bytes; ``name``'s suffix picks the reader (soundfile
+    for .wav/.flac/.ogg, PyAV for others; without a suffix soundfile, then PyAV).
+
+    Raises:
+        DataError: the bytes cannot be decoded or hold zero samples.
+    """
+    what = f"audio '{name}'"
+    suffix = PurePath(name).suffix.lower()
+    if suffix in SOUNDFILE_SUFFIXES or not suffix:
+        try:
+            decoded = _read_soundfile(io.BytesIO(data), what)
+        except DataError:
+            if suffix:
+                raise
+            decoded = _read_pyav(io.BytesIO(data), what)  # no suffix: maybe mp3/m4a
+    else:
+        decoded = _read_pyav(io.BytesIO(data), what)
+    return _checked_audio(*decoded, sample_rate, what)
+
+
+def _checked_audio(data: np.ndarray, rate: int, sample_rate: int, what: str) -> np.ndarray:
+    """Reject empty or non-finite audio; resample ``(C, T)`` from ``rate`` to ``sample_rate``."""
     if data.shape[1] == 0:
-        raise DataError(f"audio file '{path}' has zero samples")
+        raise DataError(f"{what} has zero samples")
     if not np.isfinite(data).all():
-        raise DataError(f"audio file '{path}' holds NaN or infinite samples")
+        raise DataError(f"{what} holds NaN or infinite samples")
     if rate != sample_rate:
         import torch
         import torchaudio.functional as AF  # imported here: torchaudio takes seconds to import
@@ -137,15 +187,28 @@ def load_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     Raises:
         DataError: the file is missing, has no video stream, cannot be decoded or has zero frames.
     """
+    path = _existing(path, "video")
+    return _read_video(str(path), f"video file '{path}'", max_frames)
+
+
+def decode_video(data: bytes, name: str, max_frames: int | None = None) -> tuple[np.ndarray, float | None]:
+    """:func:`load_video` for a video file's bytes; ``name`` says where they come from.
+
+    Raises:
+        DataError: the bytes have no video stream, cannot be decoded or hold zero frames.
+    """
+    return _read_video(io.BytesIO(data), f"video '{name}'", max_frames)
+
+
+def _read_video(source: str | BinaryIO, what: str, max_frames: int | None) -> tuple[np.ndarray, float | None]:
     import av
 
-    path = _existing(path, "video")
     if max_frames is not None and max_frames < 1:
         raise DataError(f"max_frames must be at least 1, got {max_frames}")
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.video:
-                raise DataError(f"video file '{path}' has no video stream")
+                raise DataError(f"{what} has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
@@ -166,9 +229,9 @@ def load_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     except DataError:
         raise
     except (av.FFmpegError, ValueError, OSError) as err:
-        raise DataError(f"video file '{path}' cannot be decoded: {_reason(err)}") from None
+        raise DataError(f"{what} cannot be decoded: {_reason(err)}") from None
     if not kept:
-        raise DataError(f"video file '{path}' has zero frames")
+        raise DataError(f"{what} has zero frames")
     if max_frames and len(kept) > max_frames:
         kept = [kept[j] for j in _pick(len(kept), max_frames)]
     frames = np.stack([f for _, f in kept])  # (F, H, W, 3)

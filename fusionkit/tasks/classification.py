@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fusionkit.errors import ConfigError
 from fusionkit.registry import register
-from fusionkit.tasks.base import Task, TaskConfig, as_long, probe_summary
+from fusionkit.tasks.base import IGNORE, Task, TaskConfig, as_long, probe_summary
 
 
 @register("tasks", "classification")
@@ -24,7 +24,8 @@ class ClassificationTask(Task):
         self.probe_classes = list(bundle.classes)
 
     def collate_targets(self, targets: list[Any]) -> dict[str, Any]:
-        return {"target": as_long(targets)}
+        """Class indices ``(B,)``; a None target (an unlabelled row, ``fusionkit predict``) is IGNORE."""
+        return {"target": as_long([IGNORE if t is None else t for t in targets])}
 
     def loss(self, out, batch) -> Tensor:
         return F.cross_entropy(out.logits.float(), batch["target"])

@@ -1,40 +1,132 @@
-"""Checkpoints: safetensors weights + JSON metadata, each written to a temp file then renamed.
+"""Checkpoints: one folder per checkpoint, swapped into place as a unit.
 
-A crash mid-write leaves the previous checkpoint intact; nothing is ever unpickled.
+A checkpoint is the folder ``checkpoints/<name>/`` holding
+
+- ``model.safetensors``: the weights (frozen pretrained weights the model rebuilds are left out);
+- ``optim.safetensors``: the optimizer's tensors (only when an optimizer is saved, i.e. ``last``);
+- ``meta.json``: epoch, validation metrics, task state, optimizer hyperparameters and, for
+  ``last``, everything ``fusionkit train --resume`` needs (LR schedule, RNG states, best so far).
+
+Both safetensors headers repeat the epoch of ``meta.json``, so a reader can check that the parts
+belong together. :func:`save_checkpoint` never touches the current checkpoint before a complete
+new one exists:
+
+1. every part is written and fsynced into ``checkpoints/.<name>.tmp-<random>/``;
+2. the current ``<name>/`` is renamed to ``.<name>.old`` (POSIX cannot rename a folder over a
+   non-empty one, so the swap takes two renames);
+3. the temporary folder is renamed to ``<name>/``;
+4. ``.<name>.old`` is deleted.
+
+A kill at any moment leaves a complete ``<name>/`` (old or new) or, between steps 2 and 3, only a
+complete ``.<name>.old``: :func:`find_checkpoint` falls back to it, and :func:`recover` (run
+under the run folder's lock before a resume or an overwrite) renames it back and deletes stale
+temporary files and folders. Run folders written before this layout (``checkpoints/<name>.safetensors`` next to
+``<name>.json``) still load. Nothing is ever unpickled.
+
+Every file written here (and by :func:`atomic_write`) is created with the process umask, like
+``open()``: 0644 under umask 022.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fusionkit.errors import RunDirError
 
+WEIGHTS, OPTIMIZER, META = "model.safetensors", "optim.safetensors", "meta.json"
+
+
+# -- files written whole or not at all -------------------------------------------------------------
+def _fsync(path: Path | str) -> None:
+    """Flush ``path`` (a file or a folder) to disk, so a power cut cannot undo a rename after it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path | str) -> None:
+    """Give ``path`` the mode ``open()`` would have: a writer that replaced it (safetensors'
+    ``save_file`` does) may have created it 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _create_temp(path: Path) -> Path:
+    """An empty new file next to ``path``, created with the umask (mkstemp would force 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then rename over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
-        write(tmp)
+        write(str(tmp))
+        _file_mode(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """``json.dumps`` that writes ``null`` for NaN/inf and so never produces invalid JSON."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+# -- what goes into a checkpoint -------------------------------------------------------------------
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage. Weights the model rebuilds from its
     # config (a frozen pretrained language model) are left out.
@@ -56,20 +148,122 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_tensors`: a state dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
+        pid, key = flat.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _pause(stage: str, name: str, epoch: Any) -> None:
+    """Testing hook: with ``FUSIONKIT_TEST_CHECKPOINT_PAUSE=<seconds>`` say which step of a write is
+    next (on stderr) and wait, so a test can kill the process at exactly that step."""
+    seconds = os.environ.get("FUSIONKIT_TEST_CHECKPOINT_PAUSE")
+    if seconds:
+        print(f"[checkpoint {name} epoch {epoch}: {stage}]", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
+
+
 def save_checkpoint(directory: Path, name: str, model: nn.Module, metadata: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write ``name.safetensors`` (+ ``name.optim.safetensors``) and ``name.json`` atomically."""
+    """Write checkpoint ``directory/name/`` as one unit (see the module docstring).
+
+    Returns the path of its ``model.safetensors``.
+    """
     directory = Path(directory)
-    weights = directory / f"{name}.safetensors"
-    atomic_write(weights, lambda tmp: save_file(_cpu_state(model), tmp, metadata={"format": "pt"}))
-    meta = dict(metadata)
-    if optimizer is not None:
-        tensors, rest = optimizer_tensors(optimizer)
-        atomic_write(directory / f"{name}.optim.safetensors", lambda tmp: save_file(tensors, tmp))
-        meta["optimizer"] = rest
-    # metadata last: its presence means the weights next to it are complete
-    atomic_write_text(directory / f"{name}.json", json.dumps(meta, indent=2, default=str))
-    return weights
+    directory.mkdir(parents=True, exist_ok=True)
+    final, old = directory / name, directory / f".{name}.old"
+    tmp = directory / f".{name}.tmp-{secrets.token_hex(4)}"
+    epoch = metadata.get("epoch")
+    header = {"format": "pt", **({"epoch": str(epoch)} if epoch is not None else {})}
+    os.mkdir(tmp)  # with the umask, like every other folder of the run
+    try:
+        save_file(_cpu_state(model), str(tmp / WEIGHTS), metadata=header)
+        meta = dict(metadata)
+        if optimizer is not None:
+            _pause("weights written, optimizer next", name, epoch)
+            tensors, meta["optimizer"] = optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / OPTIMIZER), metadata=header)
+        (tmp / META).write_text(dumps(meta, indent=2, default=str))
+        for part in tmp.iterdir():
+            _file_mode(part)
+            _fsync(part)
+        _fsync(tmp)
+        _pause("complete in its temporary folder", name, epoch)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash after step 3
+            os.rename(final, old)
+            _pause("previous checkpoint moved aside", name, epoch)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(directory)
+    _pause("new checkpoint in place", name, epoch)
+    shutil.rmtree(old, ignore_errors=True)
+    return final / WEIGHTS
+
+
+# -- finding and reading checkpoints ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """The files of one checkpoint (``optimizer`` is None when it holds no optimizer state)."""
+
+    weights: Path
+    meta: Path
+    optimizer: Path | None = None
+
+    @classmethod
+    def at(cls, path: Path) -> Checkpoint:
+        """The checkpoint at ``path``: its folder, its ``model.safetensors``, or an old-layout
+        ``<name>.safetensors`` (next to ``<name>.json`` and ``<name>.optim.safetensors``)."""
+        path = Path(path)
+        if path.name == WEIGHTS and not path.is_dir():
+            path = path.parent
+        if path.is_dir():
+            optim = path / OPTIMIZER
+            return cls(path / WEIGHTS, path / META, optim if optim.is_file() else None)
+        optim = path.with_name(f"{path.stem}.optim.safetensors")
+        return cls(path, path.with_suffix(".json"), optim if optim.is_file() else None)
+
+
+def find_checkpoint(directory: Path, name: str) -> Checkpoint | None:
+    """Checkpoint ``name`` in ``directory`` (a run's ``checkpoints/``), or None when there is none.
+
+    The one place that knows the layouts: ``<name>/``; ``.<name>.old/`` when a crash came between
+    the two renames of a swap; ``<name>.safetensors`` in run folders of earlier versions.
+    """
+    directory = Path(directory)
+    for candidate in (directory / name, directory / f".{name}.old"):
+        if candidate.is_dir():
+            return Checkpoint.at(candidate)
+    old_layout = directory / f"{name}.safetensors"
+    return Checkpoint.at(old_layout) if old_layout.is_file() else None
+
+
+def recover(directory: Path) -> None:
+    """Finish or undo what a crash interrupted in ``directory``: delete temporary files and
+    folders, and put back a checkpoint left under ``.<name>.old``.
+
+    Call it only while holding the run folder's lock (nobody else may be writing).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".old") and path.is_dir():
+            final = directory / path.name[1:-len(".old")]
+            if final.is_dir():
+                shutil.rmtree(path)  # the crash came after the new checkpoint was in place
+            else:
+                os.rename(path, final)  # ... or between the two renames
+        elif path.name.startswith(".") and (".tmp-" in path.name or path.name.endswith(".tmp")):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def optional_keys(model: nn.Module) -> set[str]:
@@ -82,23 +276,72 @@ def optional_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+_DAMAGED = "the checkpoint is damaged; evaluate another one (--checkpoint last) or train the run again"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"checkpoint metadata '{path}' cannot be read ({err}); {_DAMAGED}") from None
+    if not isinstance(meta, dict):
+        raise RunDirError(f"checkpoint metadata '{path}' is not a JSON object; {_DAMAGED}")
+    return meta
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    """The JSON metadata next to checkpoint ``path`` (``{}`` when absent: load_weights says so)."""
-    meta_path = Path(path).with_suffix(".json")
-    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    """The JSON metadata of the checkpoint at ``path`` (``{}`` when absent: load_weights says so)."""
+    meta = Checkpoint.at(path).meta
+    return _read_json(meta) if meta.is_file() else {}
+
+
+def _load_tensors(path: Path, epoch: Any) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, checked to come from ``epoch`` when its header names one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunDirError(f"checkpoint file '{path}' cannot be read ({str(err).splitlines()[0]}): it is "
+                          f"truncated or not a safetensors file; {_DAMAGED}") from None
+    if epoch is not None and "epoch" in header and header["epoch"] != str(epoch):
+        raise RunDirError(f"checkpoint file '{path}' holds epoch {header['epoch']} but its {META} says "
+                          f"epoch {epoch}; {_DAMAGED}")
+    return tensors
 
 
 def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
-    """Load ``path`` (a ``.safetensors`` file) into ``model``; returns its JSON metadata."""
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise RunDirError(f"checkpoint '{path}' is missing or incomplete (no {meta_path.name})")
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load the checkpoint at ``path`` (see :meth:`Checkpoint.at`) into ``model``; returns its metadata.
+
+    Raises:
+        RunDirError: a part is missing, unreadable (truncated, not safetensors), from another
+            epoch than the metadata, or the weights do not fit ``model``.
+    """
+    ck = Checkpoint.at(path)
+    for part in (ck.weights, ck.meta):
+        if not part.is_file():
+            raise RunDirError(f"checkpoint '{path}' is missing or incomplete (no {part.name}); {_DAMAGED}")
+    meta = _read_json(ck.meta)
+    state = _load_tensors(ck.weights, meta.get("epoch"))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: "size mismatch for fusion.x: copying a param with shape ..."
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                      str(err).splitlines()[0])
+        raise RunDirError(f"checkpoint '{ck.weights}' does not fit the model built from its config ({detail}); "
+                          f"if the run's config.yaml was edited after training, restore it") from None
     external = model.external_state() if hasattr(model, "external_state") else set()  # rebuilt from config
     missing = [k for k in missing if k not in optional_keys(model) and k not in external]  # older checkpoints: defaults hold
     if missing or unexpected:
-        raise RunDirError(f"checkpoint '{path}' does not fit this model: missing {missing[:5]}, "
+        raise RunDirError(f"checkpoint '{ck.weights}' does not fit this model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    return json.loads(meta_path.read_text())
+    return meta
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
+    """Restore ``optimizer`` from the checkpoint at ``path`` whose metadata is ``meta``."""
+    ck = Checkpoint.at(path)
+    if ck.optimizer is None or "optimizer" not in meta:
+        raise RunDirError(f"checkpoint '{path}' holds no optimizer state, so it cannot be resumed; "
+                          f"train the run again with --overwrite")
+    optimizer.load_state_dict(optimizer_state(_load_tensors(ck.optimizer, meta.get("epoch")), meta["optimizer"]))

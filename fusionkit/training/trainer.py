@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from fusionkit.config import RunConfig, to_yaml
 from fusionkit.data.cache import CacheStats, CachedSplit, PrecomputedEncoder, precompute
 from fusionkit.data.cache import default_root as cache_root
-from fusionkit.data.loader import Collate, EncodedDataset
+from fusionkit.data.loader import Collate, encoded
 from fusionkit.datasets.base import DatasetBundle
 from fusionkit.errors import ConfigError, RunDirError
 from fusionkit.evaluation import collect, evaluate
@@ -26,7 +26,19 @@ from fusionkit.registry import build
 from fusionkit.tasks.targets import has_label
 from fusionkit.training.augment import AugmentedSplit, resolve_augment
 from fusionkit.training.calibration import calibrate_heads
-from fusionkit.training.checkpoint import atomic_write_text, load_weights, read_meta, save_checkpoint
+from fusionkit.training.checkpoint import (
+    atomic_write_text,
+    dumps,
+    find_checkpoint,
+    finite_json,
+    load_optimizer,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
+from fusionkit.training.loggers import RunLoggers
+from fusionkit.training.resume import metrics_until, rng_state, set_rng_state
+from fusionkit.training.run_folder import RunLock, next_free_dir, prepare_run_dir, recover_run_dir  # noqa: F401
 
 
 def make_fabric(cfg: RunConfig):
@@ -118,7 +130,9 @@ def make_loader(model: MultimodalModel, split, cfg: RunConfig, shuffle: bool, se
     # an augmented split draws new corruptions each epoch (set_epoch), which workers only see if
     # they are re-created per epoch
     persistent = cfg.train.num_workers > 0 and not isinstance(split, AugmentedSplit)
-    return DataLoader(EncodedDataset(split, encoders), batch_size=cfg.train.batch_size, shuffle=shuffle,
+    dataset = encoded(split, encoders)
+    shuffle = shuffle and not isinstance(dataset, IterableDataset)  # a stream (webdataset) shuffles itself
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=shuffle,
                       num_workers=cfg.train.num_workers, collate_fn=Collate(encoders, model.task.collate_targets),
                       generator=generator,
                       persistent_workers=persistent)
@@ -142,8 +156,8 @@ def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBun
         bundle.splits[name] = CachedSplit(split, feats) if feats else split
     model.precomputed = set(frozen)
     if console is not None and frozen:
-        console.print(f"[bold]feature cache[/] {root}: {stats.hits} hits, {stats.misses} computed "
-                      f"({', '.join(frozen)})")
+        console.print(f"feature cache {root}: {stats.hits} hits, {stats.misses} computed "
+                      f"({', '.join(frozen)})", markup=False, highlight=False, soft_wrap=True)
     return stats
 
 
@@ -161,31 +175,6 @@ def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return f
-
-
-def prepare_run_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse an existing non-empty folder unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"run folder '{out}' already exists; pass --overwrite to replace it "
-                              f"or --out to choose another")
-        for name in ("metrics.jsonl", "results.json", "config.yaml", "skipped.json"):
-            (out / name).unlink(missing_ok=True)
-        for f in (out / "checkpoints").glob("*") if (out / "checkpoints").exists() else []:
-            f.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def next_free_dir(base: Path) -> Path:
-    """``base`` if free, else ``base-2``, ``base-3`` ... (default run folders never collide)."""
-    if not base.exists():
-        return base
-    i = 2
-    while base.with_name(f"{base.name}-{i}").exists():
-        i += 1
-    return base.with_name(f"{base.name}-{i}")
 
 
 @dataclass
@@ -210,35 +199,82 @@ def calibrate(fmodel, model: MultimodalModel, val_batches, fabric) -> dict[str, 
     return report
 
 
+def _diverged(cfg: RunConfig, ckpt_dir: Path, saved_epoch: int, what: str) -> ConfigError:
+    kept = f"the checkpoints of epoch {saved_epoch} in {ckpt_dir} are kept" if saved_epoch \
+        else "no epoch finished, so nothing was saved"
+    return ConfigError(f"{what}: training diverged and stopped ({kept}); lower train.lr (now {cfg.train.lr:g}), "
+                       f"set train.grad_clip, or look for NaN/inf values in the data")
+
+
 def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_progress: bool = True,
-          bundle: DatasetBundle | None = None, model: MultimodalModel | None = None) -> TrainResult:
+          bundle: DatasetBundle | None = None, model: MultimodalModel | None = None, *,
+          resume: bool = False, lock: RunLock | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (already prepared) and evaluate the best checkpoint on test.
 
-    ``bundle`` is the loaded data and ``model`` the built model if the caller already has them
-    (the CLI builds both before it creates the run folder, so a data or model error leaves
-    nothing behind).
+    Args:
+        bundle, model: the loaded data and the built model if the caller already has them (the
+            CLI builds both before it creates the run folder, so a data or model error leaves
+            nothing behind).
+        resume: continue after the run's ``last`` checkpoint (weights, optimizer, LR schedule,
+            RNG states, best so far) instead of starting at epoch 1; ``cfg`` is the run's own
+            config (:func:`fusionkit.training.resume.check_resume_config`).
+        lock: the run folder's lock when the caller holds it already (the CLI takes it before it
+            prepares the folder); otherwise rank 0 holds one for the whole run.
+
+    Raises:
+        ConfigError: the loss, the gradients or the weights became NaN or infinite; the run stops
+            and its checkpoints keep the last good epoch.
+        RunDirError: another process trains into ``run_dir``, or ``resume`` finds no checkpoint.
+        KeyboardInterrupt: after epoch N when ``FUSIONKIT_STOP_AFTER_EPOCH=N`` (a testing hook: Ctrl-C
+            right after epoch N is saved).
     """
     console = console or Console(stderr=True)
     fabric = make_fabric(cfg)
     fabric.launch()
     if model is None:  # a caller that built the model seeded before building it (see seed_and_build)
         fabric.seed_everything(cfg.seed, verbose=False)
+    own_lock = RunLock(run_dir) if fabric.global_rank == 0 and lock is None else None
+    if own_lock is not None:
+        own_lock.acquire()
+        if resume:
+            recover_run_dir(run_dir)
+    fabric.barrier()  # other ranks read the checkpoints only once they are repaired
+    try:
+        return _train(cfg, Path(run_dir), fabric, console, show_progress, bundle, model, resume)
+    finally:
+        if own_lock is not None:
+            own_lock.release()
+
+
+def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progress: bool,
+           bundle: DatasetBundle | None, model: MultimodalModel | None, resume: bool) -> TrainResult:
     rank0 = fabric.global_rank == 0
-    run_dir = Path(run_dir)
-    if rank0:
+    ckpt_dir = run_dir / "checkpoints"
+    if not cfg.train.lr <= torch.finfo(torch.float32).max:  # AdamW would fail with an overflow deep inside
+        raise ConfigError(f"train.lr={cfg.train.lr:g} is beyond float32 (max 3.4e38); use a learning rate like 1e-3")
+    last = find_checkpoint(ckpt_dir, "last") if resume else None
+    if resume and last is None:
+        raise RunDirError(f"run folder '{run_dir}' has no checkpoint to resume from (no epoch finished); "
+                          f"train it again with --out {run_dir} --overwrite")
+    if rank0 and not resume:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     bundle = bundle or load_data(cfg)
     model = model if model is not None else make_model(cfg, bundle)
+    resumed = load_weights(model, last.weights) if last is not None else None  # on the CPU, before Fabric moves it
+    if resumed is not None and "resume" not in resumed:
+        raise RunDirError(f"checkpoint '{last.meta}' holds no resume state (written by an earlier fusionkit); "
+                          f"train the run again with --out {run_dir} --overwrite")
     augmentations = resolve_augment(cfg.train.augment, bundle.modalities)
     cache_stats = None
     if cfg.train.cache_features:
         rewritten = {a.modality for a in augmentations if a.changes_values}
-        cache_stats = use_feature_cache(model, cfg, bundle, console if show_progress and rank0 else None,
+        cache_stats = use_feature_cache(model, cfg, bundle, console if rank0 else None,
                                         exclude=rewritten)
     train_split = AugmentedSplit(bundle.splits["train"], augmentations, cfg.seed) if augmentations \
         else bundle.splits["train"]
     train_loader = make_loader(model, train_split, cfg, shuffle=True, seed=cfg.seed)
+    shuffling = train_loader.generator
     val_loader = make_loader(model, bundle.splits["val"], cfg, shuffle=False)
     test_loader = make_loader(model, bundle.splits["test"], cfg, shuffle=False)
 
@@ -250,97 +286,132 @@ def train(cfg: RunConfig, run_dir: Path, console: Console | None = None, show_pr
 
     best: tuple[float, float] | None = None
     seen_skipped: dict[tuple[str, Any], str] = {}  # (split, id) -> reason: samples that failed to decode
-    best_epoch, best_val = 0, {}
-    ckpt_dir = run_dir / "checkpoints"
+    best_epoch, best_val, saved_epoch = 0, {}, 0
+    if resumed is not None:
+        state = resumed["resume"]
+        load_optimizer(optimizer, last.weights, resumed)  # after setup: the state lands on the weights' device
+        scheduler.load_state_dict(state["scheduler"])
+        best = tuple(state["best"]["key"]) if state["best"]["key"] is not None else None
+        best_epoch, best_val, saved_epoch = state["best"]["epoch"], state["best"]["val"], resumed["epoch"]
+        seen_skipped = {(split, ident): reason for split, ident, reason in state["skipped"]}
+        set_rng_state(state["rng"], shuffling)  # last: nothing may draw between here and the next epoch
+        if rank0:
+            metrics_until(run_dir, saved_epoch, state["record"])
+            console.print(f"[bold]resuming[/] after epoch {saved_epoch} of {cfg.train.epochs}", highlight=False)
+    stop_after = int(os.environ.get("FUSIONKIT_STOP_AFTER_EPOCH", 0))
+    check_grads = cfg.runtime.precision != "16-mixed"  # fp16 loss scaling skips steps with inf gradients itself
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                         disable=not (show_progress and rank0))
-    with progress:
-        epochs_task = progress.add_task("epochs", total=cfg.train.epochs, info="")
-        for epoch in range(1, cfg.train.epochs + 1):
-            if isinstance(train_split, AugmentedSplit):
-                train_split.set_epoch(epoch)
-            fmodel.train()
-            sums: dict[str, float] = {}
-            steps = samples = 0
-            t0 = time.perf_counter()
-            batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
-            for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
-                out = fmodel(batch)
-                terms = model.loss_terms(out, batch)
-                loss = sum(terms.values())
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                if cfg.train.grad_clip:
-                    fabric.clip_gradients(fmodel, optimizer, max_norm=cfg.train.grad_clip, error_if_nonfinite=False)
-                optimizer.step()
-                scheduler.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                steps += 1
-                samples += int(batch["mask"].shape[0])
-                progress.update(batch_task, advance=1, info=f"loss {sums['loss'] / steps:.3f}")
-            progress.remove_task(batch_task)
-            train_seconds = time.perf_counter() - t0
-            val = evaluate(fmodel, track_skipped(val_loader, "val", seen_skipped), fabric)
-            record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
-                      "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0,
-                      "train_seconds": train_seconds, "train_samples": samples}
-            nll = val["nll"] if val["nll"] is not None else 0.0
-            key = (val["accuracy"], -nll) if cfg.train.monitor == "accuracy" else (-nll, val["accuracy"])
-            improved = best is None or key > best
-            if rank0:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes,
-                        "task": model.task.state()}
+    # rank 0 logs (metrics.jsonl always, plus train.loggers); a run that fails marks its loggers failed
+    blocks = cfg.train.loggers if rank0 else None
+    with RunLoggers(blocks, run_dir, cfg.model_dump(mode="json"), resumed_at=saved_epoch) as loggers:
+        with progress:
+            epochs_task = progress.add_task("epochs", total=cfg.train.epochs, completed=saved_epoch, info="")
+            for epoch in range(saved_epoch + 1, cfg.train.epochs + 1):
+                if isinstance(train_split, AugmentedSplit):
+                    train_split.set_epoch(epoch)
+                fmodel.train()
+                sums: dict[str, float] = {}
+                steps = samples = 0
+                t0 = time.perf_counter()
+                batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
+                for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
+                    out = fmodel(batch)
+                    terms = model.loss_terms(out, batch)
+                    loss = sum(terms.values())
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}, step {steps + 1}: the loss is {value}")
+                    optimizer.zero_grad(set_to_none=True)
+                    fabric.backward(loss)
+                    if cfg.train.grad_clip:
+                        norm = fabric.clip_gradients(fmodel, optimizer, max_norm=cfg.train.grad_clip,
+                                                     error_if_nonfinite=False)
+                        if check_grads and norm is not None and not torch.isfinite(norm):
+                            raise _diverged(cfg, ckpt_dir, saved_epoch,
+                                            f"epoch {epoch}, step {steps + 1}: the gradient norm is {float(norm)}")
+                    optimizer.step()
+                    scheduler.step()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums["loss"] = sums.get("loss", 0.0) + value
+                    steps += 1
+                    samples += int(batch["mask"].shape[0])
+                    progress.update(batch_task, advance=1, info=f"loss {sums['loss'] / steps:.3f}")
+                progress.remove_task(batch_task)
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step can break them unseen
+                    raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}: the weights became NaN or infinite")
+                train_seconds = time.perf_counter() - t0
+                val = evaluate(fmodel, track_skipped(val_loader, "val", seen_skipped), fabric)
+                record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+                          "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0,
+                          "train_seconds": train_seconds, "train_samples": samples}
+                nll = val["nll"] if val["nll"] is not None else 0.0
+                key = (val["accuracy"], -nll) if cfg.train.monitor == "accuracy" else (-nll, val["accuracy"])
+                improved = best is None or key > best
                 if improved:
-                    save_checkpoint(ckpt_dir, "best", model, meta)
-                save_checkpoint(ckpt_dir, "last", model, meta, optimizer=optimizer)
-            if improved:
-                best, best_epoch, best_val = key, epoch, val
-            fabric.barrier()
-            progress.update(epochs_task, advance=1, info=f"val acc {val['accuracy']:.3f} (best {best_val['accuracy']:.3f})")
+                    best, best_epoch, best_val = key, epoch, val
+                if rank0:  # checkpoints first, then the metrics row: a resume can always rebuild the row
+                    meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes,
+                            "task": model.task.state()}
+                    if improved:
+                        save_checkpoint(ckpt_dir, "best", model, meta)
+                    resume_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(shuffling), "record": record,
+                                    "best": {"key": list(best), "epoch": best_epoch, "val": best_val},
+                                    "skipped": [[split, ident, reason] for (split, ident), reason in seen_skipped.items()]}
+                    save_checkpoint(ckpt_dir, "last", model, {**meta, "resume": resume_state}, optimizer=optimizer)
+                    loggers.log_epoch(epoch, finite_json(record))
+                saved_epoch = epoch
+                fabric.barrier()
+                progress.update(epochs_task, advance=1, info=f"val acc {val['accuracy']:.3f} (best {best_val['accuracy']:.3f})")
+                if epoch == stop_after:
+                    raise KeyboardInterrupt(f"stopped after epoch {epoch} (FUSIONKIT_STOP_AFTER_EPOCH)")
 
-    best_meta = load_weights(model, ckpt_dir / "best.safetensors")
-    calibration = None
-    if cfg.train.calibrate:
-        calibration = calibrate(fmodel, model, track_skipped(val_loader, "val", seen_skipped), fabric)
-        if rank0:  # the best checkpoint now carries the temperatures
-            save_checkpoint(ckpt_dir, "best", model, {**best_meta, "calibration": calibration})
-        fabric.barrier()
-    test = evaluate(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric)
-    skipped = skipped_rows(bundle, seen_skipped)
-    result = TrainResult(run_dir, best_epoch, best_val, test, skipped, calibration=calibration)
-    if cache_stats is not None:
-        result.cache = {"hits": cache_stats.hits, "misses": cache_stats.misses, "by_modality": cache_stats.by_modality}
-    if rank0:
-        record = {"best_epoch": best_epoch, "val": best_val, "test": test}
-        if calibration is not None:
-            record["calibration"] = calibration
-        atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
-        if skipped:  # never a silent drop: every left-out row, with its reason
-            atomic_write_text(run_dir / "skipped.json", json.dumps(
-                {"count": len(skipped), "rows": skipped}, indent=2))
-    return result
+        best_ckpt = find_checkpoint(ckpt_dir, "best")
+        best_meta = load_weights(model, best_ckpt.weights)
+        calibration = None
+        if cfg.train.calibrate:
+            calibration = calibrate(fmodel, model, track_skipped(val_loader, "val", seen_skipped), fabric)
+            if rank0:  # the best checkpoint now carries the temperatures
+                save_checkpoint(ckpt_dir, "best", model, {**best_meta, "calibration": calibration})
+            fabric.barrier()
+        test = evaluate(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric)
+        skipped = skipped_rows(bundle, seen_skipped)
+        result = TrainResult(run_dir, best_epoch, best_val, test, skipped, calibration=calibration)
+        if cache_stats is not None:
+            result.cache = {"hits": cache_stats.hits, "misses": cache_stats.misses, "by_modality": cache_stats.by_modality}
+        if rank0:
+            record = {"best_epoch": best_epoch, "val": best_val, "test": test}
+            if calibration is not None:
+                record["calibration"] = calibration
+            atomic_write_text(run_dir / "results.json", dumps(record, indent=2))
+            loggers.log_result(finite_json(record))
+            if skipped:  # never a silent drop: every left-out row, with its reason
+                atomic_write_text(run_dir / "skipped.json", dumps({"count": len(skipped), "rows": skipped}, indent=2))
+        return result
 
 
 def load_run(run_dir: Path, checkpoint: str = "best"):
-    """Rebuild the model of a run folder and load its checkpoint: ``(cfg, bundle, model)``."""
+    """Rebuild the model of a run folder and load its checkpoint: ``(cfg, bundle, model)``.
+
+    Raises:
+        RunDirError: not a run folder, no such checkpoint, or a damaged one (truncated, not
+            safetensors, or weights that no longer fit the run's config.yaml).
+    """
     from fusionkit.config import read_yaml, resolve
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"'{run_dir}' is not a run folder (no config.yaml)")
-    weights = run_dir / "checkpoints" / f"{checkpoint}.safetensors"
-    if not weights.is_file():
+    found = find_checkpoint(run_dir / "checkpoints", checkpoint)
+    if found is None:
         raise RunDirError(f"run folder '{run_dir}' has no checkpoint '{checkpoint}' "
-                          f"(expected {weights}); did training finish an epoch?")
+                          f"(expected {run_dir / 'checkpoints' / checkpoint}); did training finish an epoch?")
     cfg = resolve(read_yaml(run_dir / "config.yaml"))
     bundle = load_data(cfg)
-    meta = read_meta(weights)
+    meta = read_meta(found.weights)
     model = make_model(cfg, bundle, make_task(cfg, bundle, meta.get("task")))
-    load_weights(model, weights)
+    load_weights(model, found.weights)
     model.eval()
     return cfg, bundle, model
