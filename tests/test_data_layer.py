@@ -21,6 +21,14 @@ SMALL_IMAGE = {"name": "timm", "model_name": "test_resnet", "image_size": 16}
 TINY_CLI = ["--no-progress", "train.epochs=1", "train.batch_size=8", "model.dim=16", "runtime.accelerator=cpu"]
 
 
+def scratch(*modalities: str) -> list[str]:
+    """Overrides that replace the manifest's frozen pretrained encoders of ``modalities`` (image or
+    audio) by a 1-block timm CNN trained from scratch."""
+    size = {"image": ["image_size=32"], "audio": []}
+    return [f"model.encoders.{m}.{kv}" for m in modalities
+            for kv in ["model_name=test_resnet", "pretrained=false", "trainable=true", *size[m]]]
+
+
 # -- file writers --------------------------------------------------------------------------
 def png(path: Path, value: int = 128, mode: str = "RGB", size: int = 8) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +221,8 @@ def test_kinds_are_inferred_without_decoding_media(files):
     declared = dataset(files / "m.jsonl", modalities={"note": "text", "photo": "image"}, sample_rate=8000)
     assert sorted(declared.modality_specs()) == ["note", "photo"]
     defaults = declared.default_encoders()
-    assert defaults["photo"] == {"name": "timm", "model_name": "resnet18", "image_size": 64}
+    assert defaults["photo"] == {"name": "timm", "model_name": "efficientnet_lite0", "pretrained": "bundled",
+                                 "trainable": False, "image_size": 64}
 
 
 def test_drawn_split_is_stratified_and_fixed_by_seed(files):
@@ -329,8 +338,7 @@ def test_cli_trains_on_a_manifest_skipping_bad_rows(files, tmp_path):
     path = jsonl(files / "m.jsonl", rows)
     out = tmp_path / "run"
     proc = run_cli("train", "--data", str(path), "--modalities", "image,text,vec",
-                   "--on-bad-sample", "skip", "--out", str(out), *TINY_CLI,
-                   "model.encoders.image.model_name=test_resnet", "model.encoders.image.image_size=32")
+                   "--on-bad-sample", "skip", "--out", str(out), *TINY_CLI, *scratch("image"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped 3 row(s)" in proc.stderr and "line 7" in proc.stderr and "line 9" in proc.stderr
     report = json.loads((out / "skipped.json").read_text())
@@ -427,9 +435,7 @@ def test_demo_tone_fallback_is_deterministic_and_encodes_the_digit(tmp_path):
 def test_cli_trains_on_the_demo_with_four_modalities(demo, tmp_path):
     out = tmp_path / "run4"
     proc = run_cli("train", "--data", str(demo / "manifest.jsonl"), "--modalities", "image,text,audio,video",
-                   "--out", str(out), *TINY_CLI, "train.batch_size=32",
-                   "model.encoders.image.model_name=test_resnet", "model.encoders.image.image_size=32",
-                   "model.encoders.audio.model_name=test_resnet",
+                   "--out", str(out), *TINY_CLI, "train.batch_size=32", *scratch("image", "audio"),
                    "model.encoders.video.image.model_name=test_resnet", "model.encoders.video.image.image_size=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())["test"]

