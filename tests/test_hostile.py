@@ -35,6 +35,8 @@ FILES: dict[str, bytes] = {
     "plugin_syntax.yaml": b"plugins: [syntax.py]\n",
     "plugin_missing.yaml": b"plugins: [fusionkit_no_such_plugin]\n",
     "plugin_empty.yaml": b"plugins: ['']\n",
+    "empty.jsonl": b"",
+    "header_only.csv": b"image,label\n",
 }
 
 # (argv, the one stderr line, or the part of it that names the fix)
@@ -106,6 +108,12 @@ CATALOGUE = [
      "error: No such option '--epoch'. Did you mean '--epochs'? (see 'fusionkit train --help')"),
     (["trian"], "error: No such command 'trian'. Did you mean 'train'? (see 'fusionkit --help')"),
     (["eval", "somewhere", "--split", "dev"], "error: Invalid value for '--split': 'dev' is not one of"),
+    # manifests: an empty file, a header without rows, a folder given as the manifest
+    (["train", "--data", "empty.jsonl"], "is empty (no rows); add one row per sample"),
+    (["train", "--data", "header_only.csv"], "has a header row but no sample rows; add one row per sample"),
+    (["train", "data={name: manifest, path: adir}"], "/adir' is a folder; give the manifest file inside it"),
+    (["train", "--out", "", "--modalities", "fou"], "error: --out is empty; give a value or leave the option out"),
+    (["eval", "somewhere", "--checkpoint", "../config"], "error: Invalid value for '--checkpoint': '../config' is not one of"),
 ]
 
 
@@ -114,6 +122,7 @@ def hostile_dir(tmp_path, monkeypatch):
     """A working directory holding the catalogue's files; ``runs/`` would appear here."""
     for name, content in FILES.items():
         (tmp_path / name).write_bytes(content)
+    (tmp_path / "adir").mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FUSIONKIT_RUN_DIR", raising=False)
     return tmp_path

@@ -284,6 +284,9 @@ class ManifestDataset(MultimodalDataset):
     def _raw_rows(self) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, str]]]:
         """``(line, row)`` for every parsable row and ``(line, reason)`` for the others."""
         path = self.manifest
+        if path.is_dir():
+            raise DataError(f"manifest '{path}' is a folder; give the manifest file inside it "
+                            f"(e.g. {path / 'manifest.jsonl'})")
         if not path.is_file():
             raise DataError(f"manifest file '{path}' does not exist")
         suffix = path.suffix.lower()
@@ -324,6 +327,9 @@ class ManifestDataset(MultimodalDataset):
             raise DataError(f"manifest '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
         except csv.Error as err:
             raise DataError(f"manifest '{path}': unparsable CSV ({err})") from None
+        if not rows and not problems:
+            what = "has a header row but no sample rows" if suffix in (".csv", ".tsv") else "is empty (no rows)"
+            raise DataError(f"manifest '{path}' {what}; add one row per sample")
         return rows, problems
 
     def _reserved(self) -> set[str | None]:
