@@ -56,6 +56,10 @@ class TrainConfig(_Strict):
     loggers: list[Any] = Field(default_factory=lambda: ["jsonl"], description=(
         "experiment loggers: jsonl (metrics.jsonl, always written), tensorboard, mlflow, or "
         "{name: mlflow, experiment: x, tracking_uri: ...}; e.g. [jsonl, tensorboard]"))
+    strategies: list[Any] = Field(default_factory=list, description=(
+        "training strategies: hooks the training loop calls (transform the batch, add loss terms, act "
+        "on gradients, adapt meta-parameters), e.g. [modalimmune] or [{name: aim, gamma: 2.0}]; "
+        "fusionkit list strategies shows them; off (empty) by default"))
     calibrate: bool = Field(True, description=(
         "after training, fit one softmax temperature per unimodal head on the validation split "
         "(stored in the checkpoint), so a head's confidence means its probability of being right"))
@@ -219,6 +223,9 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
     from fusionkit.training.loggers import build_loggers
 
     build_loggers(cfg.train.loggers)  # an unknown logger or key fails here too
+    from fusionkit.strategies.runner import resolve_strategies
+
+    strategies = resolve_strategies(cfg.train.strategies, sorted(modalities))  # and a bad strategy block
     dataset_defaults = dataset.default_encoders()
     encoders = {}
     enc_registry = registry("encoders")
@@ -252,7 +259,8 @@ def resolve(data: dict[str, Any] | RunConfig) -> RunConfig:
     data_task = getattr(dataset, "task", "classification")  # plugin datasets may not derive from the base
     task = registry("tasks").resolve(named(cfg.task if cfg.task is not None else {}, data_task), "task")
     return cfg.model_copy(update={"data": datasets.resolve(cfg.data, "data"), "task": task,
-                                  "modalities": sorted(modalities), "model": model})
+                                  "modalities": sorted(modalities), "model": model,
+                                  "train": cfg.train.model_copy(update={"strategies": strategies})})
 
 
 # Encoder per modality kind when neither the config nor the dataset names one.

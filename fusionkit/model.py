@@ -120,6 +120,14 @@ class MultimodalModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> ModelOutput:
         z, tokens = self.encode(batch)
+        return self.fuse(z, tokens, batch)
+
+    def fuse(self, z: dict[str, Tensor], tokens: dict[str, Tokens], batch: dict[str, Any]) -> ModelOutput:
+        """The forward pass after :meth:`encode`: fuse ``z`` under ``batch["mask"]`` and decode.
+
+        Training strategies (:mod:`fusionkit.strategies`) call it again on changed ``z`` (a
+        collapsed modality, a degraded encoder) without running the encoders twice.
+        """
         if getattr(self.decoder, "retrieval", False):
             # the batch's targets are the probes' candidates: embed them before fusing
             targets = self.decoder.embed_texts(batch["target_text"])  # (B, E)

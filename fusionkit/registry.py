@@ -66,6 +66,8 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.fusions.modality_dropout",
         "fusionkit.fusions.tmc",
         "fusionkit.fusions.qmf",
+        "fusionkit.fusions.qadm",
+        "fusionkit.fusions.micinet",
     ),
     "decoders": ("fusionkit.decoders.classifier", "fusionkit.decoders.llava", "fusionkit.decoders.blip2",
                  "fusionkit.decoders.retrieval", "fusionkit.decoders.hf_blip2", "fusionkit.decoders.hf_llava"),
@@ -83,6 +85,7 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
         "fusionkit.corruptions.vector",
         "fusionkit.corruptions.missing",
     ),
+    "strategies": ("fusionkit.strategies.modalimmune", "fusionkit.strategies.aim"),
 }
 
 # Article used in error messages: "'x' is not a fusion".
@@ -96,6 +99,7 @@ _NOUNS = {
     "datasets": "a dataset",
     "corruptions": "a corruption",
     "loggers": "a logger",
+    "strategies": "a training strategy",
 }
 
 

@@ -23,6 +23,7 @@ from fusionkit.errors import ConfigError, RunDirError
 from fusionkit.evaluation import collect, evaluate
 from fusionkit.model import MultimodalModel, build_model
 from fusionkit.registry import build
+from fusionkit.strategies.runner import start_strategies
 from fusionkit.tasks.targets import has_label
 from fusionkit.training.augment import AugmentedSplit, resolve_augment
 from fusionkit.training.calibration import calibrate_heads
@@ -283,6 +284,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
     fmodel, optimizer = fabric.setup(model, optimizer)
     train_loader, val_loader, test_loader = fabric.setup_dataloaders(train_loader, val_loader, test_loader)
+    strategies = start_strategies(cfg, model, optimizer, fabric, resumed)  # train.strategies (hooks below)
 
     best: tuple[float, float] | None = None
     seen_skipped: dict[tuple[str, Any], str] = {}  # (split, id) -> reason: samples that failed to decode
@@ -317,14 +319,16 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 t0 = time.perf_counter()
                 batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
                 for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
+                    batch = strategies.transform_batch(batch)
                     out = fmodel(batch)
-                    terms = model.loss_terms(out, batch)
+                    terms = strategies.loss_terms(out, batch, model.loss_terms(out, batch))
                     loss = sum(terms.values())
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}, step {steps + 1}: the loss is {value}")
                     optimizer.zero_grad(set_to_none=True)
                     fabric.backward(loss)
+                    strategies.after_backward()  # masks or rescales gradients, before clipping
                     if cfg.train.grad_clip:
                         norm = fabric.clip_gradients(fmodel, optimizer, max_norm=cfg.train.grad_clip,
                                                      error_if_nonfinite=False)
@@ -333,6 +337,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                                             f"epoch {epoch}, step {steps + 1}: the gradient norm is {float(norm)}")
                     optimizer.step()
                     scheduler.step()
+                    strategies.after_step()
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                     sums["loss"] = sums.get("loss", 0.0) + value
@@ -347,6 +352,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
                           "lr": scheduler.get_last_lr()[0], "val": val, "seconds": time.perf_counter() - t0,
                           "train_seconds": train_seconds, "train_samples": samples}
+                strategies.on_epoch_end(epoch, record)
                 nll = val["nll"] if val["nll"] is not None else 0.0
                 key = (val["accuracy"], -nll) if cfg.train.monitor == "accuracy" else (-nll, val["accuracy"])
                 improved = best is None or key > best
@@ -359,7 +365,8 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                         save_checkpoint(ckpt_dir, "best", model, meta)
                     resume_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(shuffling), "record": record,
                                     "best": {"key": list(best), "epoch": best_epoch, "val": best_val},
-                                    "skipped": [[split, ident, reason] for (split, ident), reason in seen_skipped.items()]}
+                                    "skipped": [[split, ident, reason] for (split, ident), reason in seen_skipped.items()],
+                                    "strategies": strategies.state_dict()}
                     save_checkpoint(ckpt_dir, "last", model, {**meta, "resume": resume_state}, optimizer=optimizer)
                     loggers.log_epoch(epoch, finite_json(record))
                 saved_epoch = epoch
@@ -368,6 +375,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 if epoch == stop_after:
                     raise KeyboardInterrupt(f"stopped after epoch {epoch} (FUSIONKIT_STOP_AFTER_EPOCH)")
 
+        strategies.on_train_end()
         best_ckpt = find_checkpoint(ckpt_dir, "best")
         best_meta = load_weights(model, best_ckpt.weights)
         calibration = None

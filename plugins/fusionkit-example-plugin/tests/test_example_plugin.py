@@ -78,3 +78,14 @@ def test_local_plugin_file_is_loaded_with_the_plugins_flag(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "always_half" in proc.stdout and "Scores every modality 0.5" in proc.stdout
     assert "always_half" not in _cli("list", "scorers").stdout  # only when asked for
+
+
+def test_logit_penalty_strategy_is_registered_and_trains_from_the_cli(tmp_path):
+    entries = {e.name: e for e in registry("strategies").entries()}
+    assert entries["logit_penalty"].source == "plugin fusionkit_example_plugin"
+    out = tmp_path / "run"
+    proc = _cli("train", "--modalities", "fou,kar", "--out", str(out), "--no-progress", "train.epochs=1",
+                "model.dim=16", "train.batch_size=128", "train.strategies=[{name: logit_penalty, weight: 0.05}]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_logit_penalty"] > 0 and row["strategies"] == {"logit_penalty": {"steps": 10}}
