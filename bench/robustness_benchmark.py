@@ -13,7 +13,10 @@ corrupted inputs; severity 1 leaves the corrupted modality's own head near chanc
 Methods: ``dms-paper`` (configs/presets/dms-paper.yaml), ``dms`` (the default configuration),
 ``dms+augment`` (the default plus corruption-aware training: the best documented configuration),
 ``mean``, ``mean+augment`` (the same augmentation for static fusion, to separate what DMS adds from
-what augmentation adds), ``late``, ``qmf``, ``tmc``.
+what augmentation adds), ``late``, ``qmf``, ``tmc``; and the issue-13 methods ``qadm``, ``micinet``
+(fusions) and ``mean+aim``, ``mean+modalimmune`` (training strategies on static ``mean`` fusion,
+so the difference to ``mean`` is the strategy's). ``--methods`` picks any of them; a suffix
+``+augment``, ``+aim`` or ``+modalimmune`` works on any method.
 
     .venv/bin/python bench/robustness_benchmark.py --out bench-results/robust             # all, 5 seeds
     .venv/bin/python bench/robustness_benchmark.py --out /tmp/r --settings six-views --seeds 0 --epochs 2
@@ -60,7 +63,8 @@ SETTINGS = {
         "overrides": [f"modalities=[{','.join(VIEWS)}]", "train.epochs={epochs}"],
         "epochs": 20,
         "augment": augment([(f"{v}:gaussian_noise", 0.2) for v in VIEWS], 0.1),
-        "corruptions": {"noise on 5 of 6 views": [f"{v}:gaussian_noise" for v in VIEWS if v != "fac"]},
+        "corruptions": {"noise on 5 of 6 views": [f"{v}:gaussian_noise" for v in VIEWS if v != "fac"],
+                        "5 of 6 views missing": [f"missing:{v}" for v in VIEWS if v != "fac"]},
     },
     "demo": {
         "overrides": ["modalities=[audio,image,text,video]", "train.epochs={epochs}", "train.batch_size=16",
@@ -77,15 +81,23 @@ SETTINGS = {
     },
 }
 METHODS = ["dms-paper", "dms", "dms+augment", "mean", "mean+augment", "late", "qmf", "tmc"]
+EXTRA_METHODS = ["qadm", "micinet", "mean+aim", "mean+modalimmune"]  # issue 13: --methods picks them
+STRATEGIES = ("aim", "modalimmune")
 
 
 def method_overrides(method: str, setting: dict) -> tuple[dict, list[str]]:
     """``(raw config, overrides)`` for one method."""
     raw = read_yaml(REPO / "configs/presets/dms-paper.yaml") if method == "dms-paper" else {}
-    name = method.split("+")[0]
+    name, *suffixes = method.split("+")
     extra = [] if name.startswith("dms") else [f"model.fusion={{name: {name}}}"]
-    if method.endswith("+augment"):
+    if "augment" in suffixes:
         extra.append(setting["augment"])
+    strategies = [x for x in suffixes if x in STRATEGIES]
+    if strategies:
+        extra.append(f"train.strategies=[{', '.join(strategies)}]")
+    unknown = [x for x in suffixes if x != "augment" and x not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"method {method!r}: unknown suffix {unknown[0]!r}; use +augment, +aim or +modalimmune")
     return raw, extra
 
 
@@ -216,6 +228,14 @@ def render(results: dict) -> str:
                                  f"{'met' if ratio <= 0.5 else 'missed'}); clean accuracy {gap:+.2f} pts below the "
                                  f"best baseline `{best}` (target <= 0.5: {'met' if gap <= 0.5 else 'missed'})")
             lines.append("")
+        first = next(iter(setting["reports"].values()))
+        mods = first[0]["runs"][0]["modalities"]
+        lines += ["#### each modality's own head, clean test accuracy (%, mean +/- std over seeds)", "",
+                  "| method | " + " | ".join(mods) + " |", "|---" * (len(mods) + 1) + "|"]
+        for i, method in enumerate(setting["methods"]):
+            per = [rep["runs"][i]["clean"]["unimodal_accuracy"] for rep in first]
+            lines.append(f"| {method} | " + " | ".join(fmt([p[m] for p in per]) for m in mods) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
