@@ -132,33 +132,50 @@ class UnimodalHeads(nn.Module):
         The dropout masks come from random bytes (rate rounded to a multiple of 1/256): on the
         CPU that is several times cheaper than drawing a float per element, and RNG dominates
         the cost of the T passes.
+
+        Layout: all T*B rows of head m go through one matmul, computed transposed as
+        ``(M, K, T*B)``, so the softmax over K runs across contiguous rows (a softmax over a last
+        dim of K = 10 costs as much as the matmul on the CPU). The result is a ``(T, B, M, K)``
+        view of that tensor, not a contiguous one. The masks are drawn by one call in
+        ``(T, B, M, h)`` order whatever the layout, so a seed always gives the same masks.
         """
         p = self.dropout if dropout is None else dropout
         a = self.hidden(z) if hidden is None else hidden  # (B, M, h), shared by all passes
-        a = a.unsqueeze(0).expand(passes, *a.shape)  # (T, B, M, h)
+        B, M, H = a.shape
         drop = round(p * 256)
-        if not drop:
-            return self.calibrate(self.output(a)).softmax(-1)  # (T, B, M, K)
-        keep = random_bytes(a.shape, a.device) >= drop  # (T, B, M, h)
-        scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul's output
-        logits = torch.einsum("...bmh,mhk->...bmk", a * keep, self.w2) * scale + self.b2
+        if drop:
+            # keep iff byte >= drop, written as 0/1 in a's dtype so that the multiply vectorises
+            keep = torch.empty((passes, B, M, H), dtype=a.dtype, device=a.device)  # (T, B, M, h)
+            torch.ge(random_bytes(keep.shape, a.device), drop, out=keep)
+            x = keep * a if torch.is_grad_enabled() and a.requires_grad else keep.mul_(a)  # (T, B, M, h)
+        else:
+            x = a.unsqueeze(0).expand(passes, B, M, H)  # (T, B, M, h)
+        scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul (1 without dropout)
+        x = x.reshape(passes * B, M, H).transpose(0, 1)  # (M, T*B, h), a view when dropout is on
+        # (M, K, h) @ (M, h, T*B) + b2: every pass of every sample, one matmul per head
+        logits = torch.baddbmm(self.b2.unsqueeze(-1), self.w2.transpose(1, 2), x.transpose(1, 2), alpha=scale)
         if self.transform is not None:
-            logits = self.transform(logits)  # (T, B, M, N)
-        return self.calibrate(logits).softmax(-1)  # (T, B, M, K)
+            logits = logits.view(M, -1, passes, B).permute(2, 3, 0, 1)  # (T, B, M, K)
+            return self.calibrate(self.transform(logits)).softmax(-1)  # (T, B, M, N)
+        probs = logits.div_(self.temperature.to(logits.dtype).view(M, 1, 1)).softmax(1)  # calibrated, (M, K, T*B)
+        return probs.view(M, -1, passes, B).permute(2, 3, 0, 1)  # (T, B, M, K) view
 
 
 def random_bytes(shape: torch.Size, device: torch.device) -> Tensor:
     """Uniform random uint8 tensor of ``shape``, drawn 8 bytes per 64-bit sample (4x cheaper)."""
     n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
-    return words.view(torch.uint8)[:n].view(shape)
+    raw = words.view(torch.uint8)  # (8 * ceil(n / 8),)
+    return (raw if n % 8 == 0 else raw[:n]).view(shape)
 
 
 def stack_modalities(z: dict[str, Tensor], modalities: list[str], mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Stack ``z`` in ``modalities`` order into ``(B, M, d)`` and build/check the mask.
 
     Missing entries are zeroed (``torch.where``, so a NaN in a missing row cannot leak) and a
-    sample with no modality at all is an error.
+    sample with no modality at all is an error: a :class:`DataError` naming the rows in eager
+    mode, a ``RuntimeError`` raised by the compiled graph under ``torch.compile`` (which cannot
+    branch on tensor values). A given mask is always applied, even when it is all True.
     """
     names = sorted(z)
     if names != modalities:
@@ -166,25 +183,27 @@ def stack_modalities(z: dict[str, Tensor], modalities: list[str], mask: Tensor |
     stacked = torch.stack([z[m] for m in modalities], dim=1)  # (B, M, d)
     B, M, _ = stacked.shape
     if mask is None:
-        mask = torch.ones(B, M, dtype=torch.bool, device=stacked.device)
+        return stacked, torch.ones(B, M, dtype=torch.bool, device=stacked.device)
+    mask = mask.to(device=stacked.device, dtype=torch.bool)
+    if mask.shape != (B, M):
+        raise DataError(f"mask must have shape (B, M) = {(B, M)}, got {tuple(mask.shape)}")
+    if torch.compiler.is_compiling():
+        torch._assert_async(mask.any(dim=1).all(),
+                            "a sample of the batch has no modality present; drop it before fusion")
     else:
-        mask = mask.to(device=stacked.device, dtype=torch.bool)
-        if mask.shape != (B, M):
-            raise DataError(f"mask must have shape (B, M) = {(B, M)}, got {tuple(mask.shape)}")
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()[:10]
-        raise DataError(f"sample(s) {rows} of the batch have no modality present; drop them before fusion")
-    if not bool(mask.all()):
-        stacked = torch.where(mask.unsqueeze(-1), stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()[:10]
+            raise DataError(f"sample(s) {rows} of the batch have no modality present; drop them before fusion")
+    stacked = torch.where(mask.unsqueeze(-1), stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
     return stacked, mask
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over dim 1 restricted to ``mask``; masked entries are exactly 0, never NaN."""
-    logits = logits.masked_fill(~mask, float("-inf"))  # (B, M)
-    w = torch.softmax(logits, dim=1)
-    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    missing = ~mask
+    w = torch.softmax(logits.masked_fill(missing, float("-inf")), dim=1)  # (B, M)
+    return w.masked_fill(missing, 0.0)  # a row can be all -inf (NaN) only when nothing is present
 
 
 def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:

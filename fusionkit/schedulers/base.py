@@ -38,19 +38,20 @@ class SignalNorm(nn.Module):
 
     def forward(self, feats: Tensor, mask: Tensor) -> Tensor:
         """``feats (B, M, S)``, ``mask (B, M)`` -> standardised ``(B, M, S)``."""
-        if self.training:
-            m = mask.unsqueeze(-1).to(feats.dtype)  # (B, M, 1)
-            n = m.sum().clamp_min(1)
-            mean = (feats * m).sum((0, 1)) / n  # (S,)
-            var = ((feats - mean).square() * m).sum((0, 1)) / n  # (S,)
-            with torch.no_grad():
-                rate = max(self.momentum, 1.0 / float(self.batches + 1))  # cumulative at first
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), rate)
-                self.running_var.lerp_(var.detach().to(self.running_var.dtype), rate)
-                self.batches += 1
-        else:
-            mean, var = self.running_mean.to(feats.dtype), self.running_var.to(feats.dtype)
-        return (feats - mean) / (var + self.EPS).sqrt()
+        if not self.training:
+            return (feats - self.running_mean.to(feats.dtype)) / (self.running_var.to(feats.dtype) + self.EPS).sqrt()
+        m = mask.unsqueeze(-1).to(feats.dtype)  # (B, M, 1)
+        n = m.sum().clamp_min(1)
+        mean = (feats * m).sum((0, 1)) / n  # (S,)
+        centered = feats - mean  # (B, M, S)
+        var = (centered.square() * m).sum((0, 1)) / n  # (S,)
+        with torch.no_grad():
+            # cumulative at first; a tensor, so the update never reads a value back to Python
+            rate = (self.batches + 1).reciprocal().clamp_min_(self.momentum).to(self.running_mean.dtype)  # (,)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
+            self.running_var.lerp_(var.to(self.running_var.dtype), rate)
+            self.batches += 1
+        return centered / (var + self.EPS).sqrt()
 
     def scale(self, signals: list[str]) -> dict[str, dict[str, float]]:
         """``{signal: {"mean": ..., "std": ...}}`` of the running statistics (for reports)."""
@@ -76,7 +77,7 @@ class Scheduler(nn.Module):
 
     def features(self, scores: dict[str, Tensor], mask: Tensor) -> Tensor:
         """The signals stacked in ``self.signals`` order, standardised if configured: ``(B, M, S)``."""
-        feats = torch.stack([scores[s].float() for s in self.signals], dim=-1)  # (B, M, S)
+        feats = torch.stack([scores[s] for s in self.signals], dim=-1).float()  # (B, M, S)
         return self.norm(feats, mask) if self.norm is not None else feats
 
     def signal_scale(self) -> dict[str, dict[str, float]] | None:

@@ -22,15 +22,18 @@ from fusionkit.scorers.base import ScoreContext, Scorer, ScorerConfig
 from fusionkit.scorers.confidence import normalized_confidence
 
 
-def agreement(probs: Tensor, mask: Tensor) -> Tensor:
+def agreement(probs: Tensor, mask: Tensor, confidence: Tensor | None = None) -> Tensor:
     """``a_m = p_m[argmax q_{-m}]``; 0 where no other modality is present.
 
     Args:
         probs: head probabilities ``(B, M, K)``.
         mask: presence ``(B, M)`` bool.
+        confidence: ``normalized_confidence(probs)`` ``(B, M)`` if the caller has it.
     """
-    c = normalized_confidence(probs) * mask.to(probs.dtype) + 1e-6 * mask.to(probs.dtype)  # (B, M); > 0 iff present
-    total = torch.einsum("bm,bmk->bk", c, probs)  # (B, K): confidence-weighted sum over present heads
+    if confidence is None:
+        confidence = normalized_confidence(probs)  # (B, M)
+    c = confidence * mask.to(probs.dtype) + 1e-6 * mask.to(probs.dtype)  # (B, M); > 0 iff present
+    total = torch.bmm(c.unsqueeze(1), probs).squeeze(1)  # (B, 1, M) @ (B, M, K) -> (B, K): over present heads
     others = total.unsqueeze(1) - c.unsqueeze(-1) * probs  # (B, M, K): the same sum without head m
     vote = others.argmax(-1, keepdim=True)  # (B, M, 1): the class the other heads agree on
     a = probs.gather(-1, vote).squeeze(-1)  # (B, M)
@@ -46,4 +49,6 @@ class AgreementScorer(Scorer):
     signal = "agreement"
 
     def forward(self, ctx: ScoreContext) -> Tensor:
-        return agreement(ctx.logits.float().softmax(-1), ctx.mask)  # (B, M)
+        probs = ctx.probs()  # (B, M, K), shared with the confidence scorer
+        confidence = ctx.shared("confidence", lambda: normalized_confidence(probs))  # (B, M)
+        return agreement(probs, ctx.mask, confidence)  # (B, M)

@@ -13,22 +13,25 @@ def alignment(z: Tensor, mask: Tensor) -> Tensor:
     """``s_m = cos(z_m, mean_{j != m, present} z_j)``; 0 where no other modality is present.
 
     Args:
-        z: ``(B, M, d)`` with missing rows already zeroed.
+        z: ``(B, M, d)``; missing rows are ignored (they must be finite: ``stack_modalities`` zeroes them).
         mask: ``(B, M)`` bool.
     """
-    # Everything follows from three dot products, with no (B, M, d) temporaries:
-    # o_m = S - z_m with S = sum of present z; cos = (z.S - |z|^2) / (|z| |S - z|)
+    # Everything follows from the Gram matrix G = z z^T, one batched matmul over the B samples,
+    # with no (B, M, d) temporaries. With S = sum of the present z and o_m = S - z_m:
+    # z_m.S = sum_{j present} G_mj, |S|^2 = sum_{m present} z_m.S, z_m.o_m = z_m.S - G_mm and
+    # |o_m|^2 = |S|^2 - 2 z_m.S + G_mm.
     m = mask.to(z.dtype)  # (B, M)
-    total = torch.einsum("bm,bmd->bd", m, z)  # (B, d)
-    zz = z.square().sum(-1)  # (B, M)
-    zs = torch.einsum("bmd,bd->bm", z, total)  # (B, M)
-    ss = total.square().sum(-1, keepdim=True)  # (B, 1)
+    gram = torch.bmm(z, z.transpose(1, 2))  # (B, M, d) @ (B, d, M) -> (B, M, M)
+    zz = gram.diagonal(dim1=1, dim2=2)  # (B, M): |z_m|^2
+    zs = (gram * m.unsqueeze(1)).sum(-1)  # (B, M): z_m . S
+    ss = (zs * m).sum(-1, keepdim=True)  # (B, 1): |S|^2
     dot = zs - zz  # z_m . o_m
-    oo = (ss - 2 * zs + zz).clamp_min(0)  # |o_m|^2
-    s = dot / (zz.sqrt() * oo.sqrt()).clamp_min(1e-8)  # (B, M); the mean's 1/(n-1) cancels
-    others = mask.sum(1, keepdim=True) - mask.long()  # (B, M): how many other modalities
-    valid = mask & (others > 0)
-    return torch.where(valid, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    oo = torch.add(ss, zs, alpha=-2).add_(zz).clamp_min_(0)  # |o_m|^2 = |S|^2 - 2 z_m.S + |z_m|^2
+    # cos = dot / (|z_m| |o_m|), the mean's 1/(n-1) cancels; the floor sits before the square root
+    # so that a zero norm (missing or lone modality) gives a zero gradient, not NaN
+    s = dot / (zz * oo).clamp_min(1e-16).sqrt()  # (B, M)
+    alone = ~(mask & (mask.sum(1, keepdim=True) > 1))  # (B, M): missing, or no other modality present
+    return s.masked_fill(alone, 0.0)
 
 
 @register("scorers", "alignment")

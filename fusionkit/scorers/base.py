@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
@@ -20,6 +21,9 @@ class ScoreContext:
         logits: unimodal head logits ``(B, M, K)``.
         heads: the heads themselves, for scorers that re-run them (MC-dropout).
         hidden: the heads' deterministic hidden layer ``(B, M, h)``, if already computed.
+
+    Quantities several scorers read (the heads' probabilities, their confidence) are computed
+    once, by :meth:`probs` and :meth:`shared`.
     """
 
     z: Tensor
@@ -27,6 +31,19 @@ class ScoreContext:
     logits: Tensor
     heads: UnimodalHeads
     hidden: Tensor | None = None
+    _shared: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, evaluated once per forward pass for every scorer that asks for ``key``."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+    def probs(self) -> Tensor:
+        """The heads' probabilities ``softmax(logits)`` in float32: ``(B, M, K)``."""
+        # softmax over the leading dim of a (K, B, M) copy: over a last dim of K ~ 10 the CPU
+        # kernel is several times slower; the result is a (B, M, K) view of that copy
+        return self.shared("probs", lambda: self.logits.float().permute(2, 0, 1).softmax(0).permute(1, 2, 0))
 
 
 class ScorerConfig(BaseModel):

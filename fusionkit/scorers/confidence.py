@@ -13,8 +13,8 @@ from fusionkit.scorers.base import ScoreContext, Scorer, ScorerConfig
 def normalized_confidence(probs: Tensor) -> Tensor:
     """``1 - H(p) / log K`` over the last dim, in [0, 1] (the paper's ``1 - H`` is negative for K > e)."""
     K = probs.shape[-1]
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-    return 1.0 - entropy / math.log(K)
+    neg_entropy = (probs * probs.clamp_min(1e-12).log()).sum(-1)  # -H(p)
+    return 1.0 + neg_entropy / math.log(K)  # = 1 - H / log K, bit for bit
 
 
 @register("scorers", "confidence")
@@ -25,4 +25,4 @@ class ConfidenceScorer(Scorer):
     signal = "confidence"
 
     def forward(self, ctx: ScoreContext) -> Tensor:
-        return normalized_confidence(ctx.logits.float().softmax(-1))  # (B, M)
+        return ctx.shared("confidence", lambda: normalized_confidence(ctx.probs()))  # (B, M)

@@ -12,10 +12,15 @@ from fusionkit.scorers.base import ScoreContext, Scorer, ScorerConfig
 def mc_variance(probs: Tensor) -> Tensor:
     """``(T, B, M, K) -> (B, M)``: population variance over passes, averaged over classes.
 
-    Computed as E[p^2] - E[p]^2 (clamped at 0): probabilities are bounded, so this is accurate,
-    and it is an order of magnitude faster than ``Tensor.var`` over the leading dim on the CPU.
+    Computed in two passes, ``mean_t (p - mean_t p)^2``, in plain elementwise ops: as fast as
+    ``E[p^2] - E[p]^2`` and without its cancellation (that form carries ~3e-8 of float32
+    rounding, ~1e-4 of a typical u), and an order of magnitude faster than ``Tensor.var`` over
+    the leading dim on the CPU. The reductions run on the ``(M, K, T, B)`` permutation, which is
+    contiguous for the layout :meth:`UnimodalHeads.sample` returns.
     """
-    return (probs.square().mean(0) - probs.mean(0).square()).clamp_min(0).mean(-1)
+    p = probs.permute(2, 3, 0, 1)  # (M, K, T, B)
+    deviation = p - p.mean(2, keepdim=True)  # (M, K, T, B)
+    return deviation.square_().mean(2).mean(1).T  # (M, K, B) -> (M, B) -> (B, M)
 
 
 class MCDropoutConfig(ScorerConfig):

@@ -1,0 +1,175 @@
+"""Cost of the DMS fusion layer against static mean fusion: time and memory, in one process.
+
+Time: both layers are built at B=256, M=4, d=512, K=10 with T=10 MC-dropout passes (the
+paper's signals: confidence, MC-dropout uncertainty, alignment; a mask with ~10% of the
+entries missing; train mode) and run forward+backward (``fused.square().mean()`` plus the
+fusion's own loss terms) in interleaved blocks, so drift in machine load hits both alike. The
+figures printed are the dms / mean ratio of the fastest runs ("min") and of the medians.
+
+Memory (``--memory``): at B=4096, M=8 each layer runs one forward+backward in a fresh
+subprocess; printed are the bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``,
+each storage once, parameters and inputs left out), the peak of the bytes held by the tensor
+allocator during the step (the running sum of ``torch.profiler``'s per-event memory deltas) and
+the growth of the peak resident set over the process's size just before the step, with their
+dms / mean ratios.
+
+    .venv/bin/python bench/dms_layer.py                 # eager, threads = 1
+    .venv/bin/python bench/dms_layer.py --compile       # both layers through torch.compile
+    .venv/bin/python bench/dms_layer.py --memory        # time, then memory at B=4096, M=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from fusionkit import build
+
+
+def make_layers(batch: int, modalities: int, dim: int, classes: int, passes: int, seed: int = 0):
+    """``({"mean": layer, "dms": layer}, z, mask, target)``, both layers in train mode."""
+    torch.manual_seed(seed)
+    names = [f"m{i}" for i in range(modalities)]
+    z = {m: torch.randn(batch, dim, requires_grad=True) for m in names}  # each (B, d)
+    mask = torch.rand(batch, modalities) > 0.1  # (B, M), ~10% missing
+    mask[:, 0] = True  # no sample without a modality
+    target = torch.randint(0, classes, (batch,))  # (B,)
+    common = dict(modalities=names, dim=dim, num_classes=classes)
+    scorers = ["confidence", {"name": "mc_dropout", "passes": passes}, "alignment"]
+    layers = {"mean": build("fusions", "mean", **common).train(),
+              "dms": build("fusions", {"name": "dms", "scorers": scorers}, **common).train()}
+    return layers, z, mask, target
+
+
+def step(fusion: nn.Module, z: dict[str, Tensor], mask: Tensor, target: Tensor) -> None:
+    """One forward+backward: a task-like loss on the fused vector plus the fusion's own terms."""
+    for v in z.values():
+        v.grad = None
+    fusion.zero_grad(set_to_none=True)
+    out = fusion(z, mask)
+    loss = out.fused.square().mean() + fusion.loss(out, target)
+    loss.backward()
+
+
+def time_block(fusion, z, mask, target, runs: int) -> list[tuple[float, float]]:
+    """``(wall, thread CPU)`` seconds of each of ``runs`` forward+backward steps."""
+    times = []
+    for _ in range(runs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        step(fusion, z, mask, target)
+        times.append((time.perf_counter() - t0, time.thread_time() - c0))
+    return times
+
+
+def bench_time(args) -> None:
+    layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes)
+    calls = dict(layers)
+    if args.compile:
+        calls = {k: torch.compile(v, backend=args.backend) for k, v in layers.items()}
+    for call in calls.values():  # warm up (and compile)
+        time_block(call, z, mask, target, 5)
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
+    order = list(calls)
+    for block in range(args.blocks):
+        for name in order if block % 2 == 0 else order[::-1]:  # alternate which runs first
+            results[name] += time_block(calls[name], z, mask, target, args.runs)
+    mode = f"compile({args.backend})" if args.compile else "eager"
+    print(f"B={args.batch} M={args.modalities} d={args.dim} K={args.classes} T={args.passes} {mode} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} runs={len(results['dms'])} per layer")
+    # wall time is what a user waits; the thread's CPU time leaves out the time the OS ran other
+    # processes, so it is the steadier figure on a shared machine
+    for i, clock in enumerate(("wall", "thread CPU")):
+        lo = {k: min(t[i] for t in v) * 1e3 for k, v in results.items()}
+        med = {k: statistics.median(t[i] for t in v) * 1e3 for k, v in results.items()}
+        for name in calls:
+            print(f"{clock:>10} {name:>4}: min {lo[name]:.2f} ms, median {med[name]:.2f} ms per forward+backward")
+        print(f"{clock:>10} ratio dms/mean: min {lo['dms'] / lo['mean']:.2f}, median {med['dms'] / med['mean']:.2f}")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(args) -> None:
+    """Run in a subprocess: one layer, one forward+backward; print a JSON line of byte counts."""
+    layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes)
+    fusion = layers[args.memory_child]
+    known = {t.untyped_storage().data_ptr() for t in [*fusion.parameters(), *fusion.buffers(), *z.values()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    before = rss_bytes()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(fusion, z, mask, target)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # the allocator's view, independent of how malloc returns memory to the OS: a second step
+    # under the profiler, its allocations and frees summed in time order
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(fusion, z, mask, target)
+    held = peak_held = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak_held = max(peak_held, held)
+    print(json.dumps({"saved": sum(saved.values()), "peak_allocated": peak_held, "peak_rss_growth": peak_rss - before}))
+
+
+def bench_memory(args) -> None:
+    sizes = {}
+    for name in ("mean", "dms"):
+        cmd = [sys.executable, __file__, "--memory-child", name, "--batch", str(args.mem_batch),
+               "--modalities", str(args.mem_modalities), "--dim", str(args.dim),
+               "--classes", str(args.classes), "--passes", str(args.passes)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        sizes[name] = json.loads(out.strip().splitlines()[-1])
+    print(f"memory at B={args.mem_batch} M={args.mem_modalities} d={args.dim} K={args.classes} T={args.passes}:")
+    for name, s in sizes.items():
+        print(f"{name:>5}: saved for backward {s['saved'] / 2**20:.1f} MiB, peak allocated "
+              f"{s['peak_allocated'] / 2**20:.1f} MiB, peak RSS growth {s['peak_rss_growth'] / 2**20:.1f} MiB")
+    dms, mean = sizes["dms"], sizes["mean"]
+    print(f"ratio dms/mean: saved {dms['saved'] / mean['saved']:.2f}, "
+          f"peak allocated {dms['peak_allocated'] / mean['peak_allocated']:.2f}, "
+          f"peak RSS {dms['peak_rss_growth'] / mean['peak_rss_growth']:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--modalities", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--passes", type=int, default=10)
+    ap.add_argument("--blocks", type=int, default=10, help="interleaved blocks per layer")
+    ap.add_argument("--runs", type=int, default=10, help="forward+backward runs per block")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="time torch.compile'd layers")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile")
+    ap.add_argument("--memory", action="store_true", help="also measure memory at --mem-batch, --mem-modalities")
+    ap.add_argument("--mem-batch", type=int, default=4096)
+    ap.add_argument("--mem-modalities", type=int, default=8)
+    ap.add_argument("--memory-child", choices=["mean", "dms"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    bench_time(args)
+    if args.memory:
+        bench_memory(args)
+
+
+if __name__ == "__main__":
+    main()
