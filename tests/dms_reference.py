@@ -18,9 +18,9 @@ from fusionkit.tasks.targets import has_label, is_soft, probe_correct
 
 
 # -- fusions/base.py ----------------------------------------------------------------------
-def random_bytes(shape: torch.Size, device: torch.device) -> Tensor:
+def random_bytes(shape: torch.Size, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device, generator=generator)
     return words.view(torch.uint8)[:n].view(shape)
 
 
@@ -44,7 +44,12 @@ def heads_sample(heads, z: Tensor, passes: int, dropout: float | None = None, hi
     drop = round(p * 256)
     if not drop:
         return heads_calibrate(heads, heads_output(heads, a)).softmax(-1)
-    keep = random_bytes(a.shape, a.device) >= drop
+    if heads.training:
+        keep = random_bytes(a.shape, a.device) >= drop
+    else:  # eval: T masks shared by every sample, from a fixed seed (not the global RNG)
+        T, B, M, H = a.shape
+        bank = random_bytes((256, M, H), torch.device("cpu"), torch.Generator().manual_seed(0))
+        keep = (bank[:T] >= drop).unsqueeze(1).to(a.device)
     scale = 256.0 / (256 - drop)
     logits = torch.einsum("...bmh,mhk->...bmk", a * keep, heads.w2) * scale + heads.b2
     if heads.transform is not None:

@@ -246,3 +246,25 @@ def test_mix_backward_is_the_exact_derivative():
     assert torch.allclose(h, (w.unsqueeze(-1) * z).sum(1))
     direct = (w.unsqueeze(-1) * (z - h.unsqueeze(1)).square()).sum((1, 2))  # sum_m w_m |h - z_m|^2
     assert torch.allclose(spread, direct)
+
+
+def test_eval_weights_of_a_sample_do_not_depend_on_its_batch():
+    """Eval-mode MC dropout uses T masks shared by every sample from a fixed seed: a sample gets
+    the same signals and weights alone, in any batch, at any position, and the global RNG is untouched."""
+    f = _fusion(CONFIGS["default"]).eval()
+    z = _inputs(1, False)
+    with torch.no_grad():
+        together = f(z, None)
+        rng = torch.get_rng_state()
+        alone = [f({m: v[i:i + 1] for m, v in z.items()}, None) for i in range(3)]
+        flipped = f({m: v.flip(0) for m, v in z.items()}, None)
+    assert torch.equal(rng, torch.get_rng_state())
+    for i in range(3):
+        torch.testing.assert_close(alone[i].weights[0], together.weights[i], atol=1e-6, rtol=0)
+    torch.testing.assert_close(flipped.weights.flip(0), together.weights, atol=1e-6, rtol=0)
+    f.train()
+    torch.manual_seed(0)
+    a = f(z, None).scores["uncertainty"]
+    torch.manual_seed(1)
+    b = f(z, None).scores["uncertainty"]
+    assert not torch.allclose(a, b)  # training still draws new masks per sample from the global RNG

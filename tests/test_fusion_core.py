@@ -100,13 +100,17 @@ def test_detach_scores_controls_gradient_from_weights_to_heads():
     assert grads[False] is not None and grads[False].abs().sum() > 0
 
 
-def test_mc_dropout_stays_stochastic_in_eval_mode():
+def test_mc_dropout_in_eval_mode_is_a_fixed_ensemble():
+    # eval keeps dropout on (uncertainty > 0) with the same T masks every call and for every
+    # sample, so repeated calls and any batching agree; training draws new masks
     f = DMSFusion(["a", "b"], dim=D, num_classes=K, head_dropout=0.5).eval()
     z = _z("ab")
     u1 = f(z).scores["uncertainty"]
     u2 = f(z).scores["uncertainty"]
     assert (u1 > 0).all()
-    assert not torch.equal(u1, u2)
+    assert torch.equal(u1, u2)
+    f.train()
+    assert not torch.equal(f(z).scores["uncertainty"], f(z).scores["uncertainty"])
 
 
 def test_rule_scheduler_prefers_the_confident_modality():

@@ -88,6 +88,11 @@ class UnimodalHeads(nn.Module):
         # per-head softmax temperature, fitted on the validation split after training
         # (fusionkit.training.calibration); 1 = uncalibrated. Scorers read calibrated logits.
         self.register_buffer("temperature", torch.ones(num_modalities))
+        # eval-mode MC-dropout masks: a fixed bank of random bytes, the same for every sample (see
+        # sample); not in the state dict, drawn from its own seed so the global RNG is untouched
+        bank = random_bytes((EVAL_MASK_PASSES, num_modalities, hidden), torch.device("cpu"),
+                            torch.Generator().manual_seed(EVAL_MASK_SEED))
+        self.register_buffer("eval_mask_bytes", bank, persistent=False)  # (T_max, M, h) uint8
         self.w1 = nn.Parameter(torch.empty(num_modalities, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_modalities, hidden))
         self.w2 = nn.Parameter(torch.empty(num_modalities, hidden, num_classes))
@@ -128,6 +133,12 @@ class UnimodalHeads(nn.Module):
     def sample(self, z: Tensor, passes: int, dropout: float | None = None, hidden: Tensor | None = None) -> Tensor:
         """T stochastic passes with dropout always on: probabilities ``(T, B, M, K)``.
 
+        Training draws new masks per sample from the global RNG. Eval mode uses the first T of a
+        fixed bank of masks (``eval_mask_bytes``, drawn once from ``EVAL_MASK_SEED``), shared by
+        every sample: a fixed ensemble of T dropped-out heads, so a sample's uncertainty, and so
+        its DMS weights, never depend on which samples share its batch, and eval draws nothing
+        from the global RNG.
+
         ``hidden`` (``(B, M, h)``) is the deterministic part if the caller already computed it.
         The dropout masks come from random bytes (rate rounded to a multiple of 1/256): on the
         CPU that is several times cheaper than drawing a float per element, and RNG dominates
@@ -143,7 +154,14 @@ class UnimodalHeads(nn.Module):
         a = self.hidden(z) if hidden is None else hidden  # (B, M, h), shared by all passes
         B, M, H = a.shape
         drop = round(p * 256)
-        if drop:
+        if drop and not self.training:
+            # eval: the same T masks for every sample (a fixed bank), so a sample's result never
+            # depends on the samples batched with it
+            if passes > self.eval_mask_bytes.shape[0]:
+                raise ConfigError(f"mc_dropout: at most {EVAL_MASK_PASSES} passes (got {passes})")
+            keep = torch.ge(self.eval_mask_bytes[:passes], drop).to(a.dtype).unsqueeze(1)  # (T, 1, M, h)
+            x = keep * a  # (T, B, M, h)
+        elif drop:
             # keep iff byte >= drop, written as 0/1 in a's dtype so that the multiply vectorises
             keep = torch.empty((passes, B, M, H), dtype=a.dtype, device=a.device)  # (T, B, M, h)
             torch.ge(random_bytes(keep.shape, a.device), drop, out=keep)
@@ -161,10 +179,16 @@ class UnimodalHeads(nn.Module):
         return probs.view(M, -1, passes, B).permute(2, 3, 0, 1)  # (T, B, M, K) view
 
 
-def random_bytes(shape: torch.Size, device: torch.device) -> Tensor:
+EVAL_MASK_SEED = 0  # the MC-dropout masks of eval mode (see UnimodalHeads.sample)
+EVAL_MASK_PASSES = 256  # the most MC-dropout passes eval mode supports
+
+
+def random_bytes(shape: torch.Size | tuple[int, ...], device: torch.device,
+                 generator: torch.Generator | None = None) -> Tensor:
     """Uniform random uint8 tensor of ``shape``, drawn 8 bytes per 64-bit sample (4x cheaper)."""
     n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device,
+                          generator=generator)
     raw = words.view(torch.uint8)  # (8 * ceil(n / 8),)
     return (raw if n % 8 == 0 else raw[:n]).view(shape)
 

@@ -24,7 +24,7 @@ def mc_variance(probs: Tensor) -> Tensor:
 
 
 class MCDropoutConfig(ScorerConfig):
-    passes: int = Field(10, ge=2, description="T: stochastic passes, run as one batched call")
+    passes: int = Field(10, ge=2, le=256, description="T: stochastic passes, run as one batched call")
     dropout: float | None = Field(None, gt=0, lt=1, description=(
         "dropout rate for the passes; None uses the heads' own head_dropout"))
 
