@@ -14,6 +14,16 @@ from collections.abc import Iterable
 class FusionkitError(Exception):
     """Base class of errors caused by user input; the message says how to fix it."""
 
+    def __init__(self, *args):
+        text = args[0] if len(args) == 1 and isinstance(args[0], str) else ""
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            # raised again in the main process from a DataLoader worker's traceback text
+            # ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\nDataError: why"):
+            # the message stays the worker's one line
+            last = text.rstrip().splitlines()[-1]
+            args = (last.split(": ", 1)[1] if ": " in last else last,)
+        super().__init__(*args)
+
 
 class ConfigError(FusionkitError):
     """A config value, key or override is invalid."""

@@ -56,7 +56,7 @@ def _collect(model, loader, fabric, predict: bool, progress) -> dict[str, Any]:
                                                       "weights", "mask", "target", "index")}
     listed: dict[str, list[Any]] = {}  # task predictions that are not tensors (generated text ...)
     scores: dict[str, list[Tensor]] = {}
-    lm_loss: list[float] = []
+    lm_loss = [0.0, 0]  # sum of the batches' LM loss weighted by their size, samples
     heads = getattr(core.fusion, "heads", None)
     for batch in loader:
         out = model(batch)
@@ -72,7 +72,8 @@ def _collect(model, loader, fabric, predict: bool, progress) -> dict[str, Any]:
         parts["target"].append(batch["target"])
         parts["index"].append(batch["index"])
         if out.lm_loss is not None:
-            lm_loss.append(float(out.lm_loss) * len(batch["target"]))
+            lm_loss[0] += float(out.lm_loss) * len(batch["target"])
+            lm_loss[1] += len(batch["target"])
         if predict:
             preds = task.predict(core, batch, out) if task is not None else {"probs": out.logits.float().softmax(-1)}
             for key, value in preds.items():
@@ -86,17 +87,46 @@ def _collect(model, loader, fabric, predict: bool, progress) -> dict[str, Any]:
     result: dict[str, Any] = {k: _cat(v, k).cpu() if v else torch.zeros(0) for k, v in parts.items()}
     result.update({f"score.{k}": torch.cat(v).cpu() for k, v in scores.items()})
     if fabric is not None and fabric.world_size > 1:
-        result = {k: fabric.all_gather(v).flatten(0, 1).cpu() for k, v in result.items()}
-        if listed:  # strings cannot be all-gathered as tensors
-            import torch.distributed as dist
-
-            gathered = [None] * fabric.world_size
-            dist.all_gather_object(gathered, listed)
-            listed = {k: [x for part in gathered for x in part[k]] for k in listed}
+        result, listed, lm_loss = _gather(result, listed, lm_loss, fabric)
     result.update(listed)
-    n = len(result["target"])
-    result["lm_loss"] = sum(lm_loss) / n if lm_loss and n else None
+    result["lm_loss"] = lm_loss[0] / lm_loss[1] if lm_loss[1] else None
     return result
+
+
+def _gather(result: dict[str, Tensor], listed: dict[str, list[Any]], lm_loss: list, fabric):
+    """Every process's samples, each exactly once, in split order (``index``).
+
+    Under DDP each process evaluates its share of the split, and ``DistributedSampler`` pads the
+    shares to equal length with samples of the split's start, which therefore come back twice.
+    Of each sample this keeps the copy its owner evaluated (rank ``index % world``, where the
+    sampler puts it first), else any (a stream's short rank repeats its own samples). The LM
+    loss is the size-weighted mean over all batches of all processes. Shares may differ in
+    length (skipped samples) and width (retrieval's in-batch probes), so they travel as objects.
+    """
+    import torch.distributed as dist
+
+    world = fabric.world_size
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, (fabric.global_rank, result, listed, lm_loss))
+    lm_loss = [sum(s[3][0] for s in shares), sum(s[3][1] for s in shares)]
+    shares = [s for s in shares if len(s[1]["index"])]  # a process with nothing to evaluate adds nothing
+    if not shares:
+        return result, listed, lm_loss
+    index = torch.cat([s[1]["index"] for s in shares])  # (N_all,), repeats included
+    rank = torch.cat([torch.full((len(s[1]["index"]),), s[0]) for s in shares])  # (N_all,)
+    order = torch.argsort(index * 2 + (index % world != rank).long(), stable=True)  # by index, owner's copy first
+    first = torch.ones(len(order), dtype=torch.bool)
+    first[1:] = index[order][1:] != index[order][:-1]
+    rows = order[first]  # (N,): one row per sample, in index order
+    merged = {}
+    for key in result:
+        values = [s[1][key] for s in shares]
+        cat = _cat(values, key)
+        merged[key] = cat[rows] if len(cat) == len(index) else cat
+    rows_list = rows.tolist()
+    listed = {k: [x for s in shares for x in s[2][k]] for k in listed}
+    listed = {k: [v[i] for i in rows_list] if len(v) == len(index) else v for k, v in listed.items()}
+    return merged, listed, lm_loss
 
 
 # Padding when batches' probe spaces differ in size (retrieval: the in-batch candidates): logits get

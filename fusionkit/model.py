@@ -7,6 +7,7 @@ Components are built outside (by the registry) and passed in, as in TorchMultimo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +67,11 @@ class MultimodalModel(nn.Module):
         self.decoder = decoder
         self.task = task
         # modalities whose batches already hold the (frozen) encoder's features, served from the
-        # on-disk feature cache; their encoders are skipped but stay in the state dict
+        # on-disk feature cache; their encoders are skipped
         self.precomputed: set[str] = set()
+        # sha256 of frozen encoders' weights once computed (feature-cache keys, checkpoint records):
+        # hashing MiniLM's 90 MB once per run is enough, since frozen weights never change
+        self.weights_digests: dict[str, str] = {}
 
     @property
     def needs_tokens(self) -> bool:
@@ -171,21 +175,46 @@ class MultimodalModel(nn.Module):
 
     def external_state(self) -> set[str]:
         """State-dict keys rebuilt from the config rather than saved (a frozen pretrained LM, a
-        frozen checkpoint vision tower): whatever the decoder and encoders declare."""
+        frozen checkpoint vision tower): whatever the decoder and encoders declare, plus every
+        weight of the :meth:`rebuilt_encoders`."""
         keys = {f"decoder.{k}" for k in getattr(self.decoder, "external_state", lambda: set())()}
+        rebuilt = set(self.rebuilt_encoders())
         for m, enc in self.encoders.items():
-            keys |= {f"encoders.{m}.{k}" for k in getattr(enc, "external_state", lambda: set())()}
+            own = enc.state_dict().keys() if m in rebuilt else getattr(enc, "external_state", lambda: set())()
+            keys |= {f"encoders.{m}.{k}" for k in own}
         return keys
 
+    def rebuilt_encoders(self) -> list[str]:
+        """Modalities whose encoder is frozen and takes every weight from files its config names
+        (:attr:`fusionkit.encoders.base.Encoder.rebuilt`), or stands in for such an encoder
+        (the feature cache's): checkpoints leave those weights out and record their digest."""
+        return [m for m, enc in self.encoders.items() if getattr(enc, "rebuilt", False)]
 
-def build_model(model_cfg, specs: dict[str, ModalitySpec], modalities: list[str], task) -> MultimodalModel:
+    def weights_digest(self, m: str) -> str:
+        """sha256 of encoder ``m``'s weights (:func:`~fusionkit.encoders.base.weights_digest`),
+        computed once; a stand-in encoder carries the digest of the encoder it replaces."""
+        from fusionkit.encoders.base import weights_digest
+
+        if m not in self.weights_digests:
+            enc = self.encoders[m]
+            self.weights_digests[m] = getattr(enc, "digest", None) or weights_digest(enc)
+        return self.weights_digests[m]
+
+
+def build_model(model_cfg, specs: dict[str, ModalitySpec], modalities: list[str], task,
+                make_encoder: Callable[[str, Any, ModalitySpec], Encoder] | None = None) -> MultimodalModel:
     """Build encoders, fusion and decoder from a resolved :class:`fusionkit.config.ModelConfig`.
 
-    ``task`` is a set-up task (its probe space sizes the unimodal heads and the classifier).
+    Args:
+        task: a set-up task (its probe space sizes the unimodal heads and the classifier).
+        make_encoder: ``(modality, block, spec) -> encoder``, called in sorted modality order; the
+            default builds the block from the registry. The feature cache passes one that returns
+            a stand-in for a frozen encoder whose features are all cached
+            (:class:`fusionkit.data.cached_encoders.EncoderBuilder`).
     """
     K = task.num_probe_classes
-    encoders = {m: build("encoders", model_cfg.encoders[m], f"model.encoders.{m}", spec=specs[m])
-                for m in sorted(modalities)}
+    make_encoder = make_encoder or (lambda m, block, spec: build("encoders", block, f"model.encoders.{m}", spec=spec))
+    encoders = {m: make_encoder(m, model_cfg.encoders[m], specs[m]) for m in sorted(modalities)}
     fusion = build("fusions", model_cfg.fusion, "model.fusion", modalities=sorted(modalities),
                    dim=model_cfg.dim, num_classes=K)
     decoder = build("decoders", model_cfg.decoder, "model.decoder", dim=model_cfg.dim, num_classes=K)

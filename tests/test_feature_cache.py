@@ -10,12 +10,12 @@ from fusionkit import build
 from fusionkit.data.cache import (
     CacheStats,
     CachedSplit,
-    FeatureCache,
     PrecomputedEncoder,
     content_key,
     encoder_key,
     precompute,
 )
+from fusionkit.data.feature_packs import PackStore
 from fusionkit.datasets.base import MultimodalSplit
 from fusionkit.encoders.base import EncoderOutput, ModalitySpec
 
@@ -47,7 +47,8 @@ def test_precompute_hits_misses_and_invalidation(tmp_path):
     stats = CacheStats()
     feats = precompute(enc, block, split, "text", tmp_path, stats)
     assert feats[1] is None and feats[0].shape == (384,)
-    assert (stats.hits, stats.misses) == (0, 3)  # the repeated text is stored once but computed in one pass
+    assert (stats.hits, stats.misses) == (1, 2)  # the repeated text is computed once
+    assert torch.equal(feats[0], feats[3])
     enc.eval()  # no dropout: the frozen encoder's features are a function of the text
     direct = enc._encode(enc.collate(["a handwritten two"]))[0]
     assert torch.allclose(feats[2], direct, atol=1e-5)
@@ -125,18 +126,18 @@ def test_token_and_pooled_entries_of_one_encoder_never_collide(tmp_path):
     assert isinstance(pooled[0], torch.Tensor) and isinstance(tokens[0], tuple)
     assert tokens[0][1].shape == (1, 256)  # mlp: the pooled vector as its one token
     assert all(torch.equal(p, t[0]) and torch.equal(p, t[1][0]) for p, t in zip(pooled, tokens))
-    cache = FeatureCache(tmp_path, encoder_key(enc, block))
-    key = content_key(split_v[0]["inputs"]["v"])
-    assert cache.path(key) != cache.path(key, tokens=True)
-    assert cache.path(key).is_file() and cache.path(key, tokens=True).is_file()
-    assert sorted(p.name.split(".", 1)[1] for p in cache.dir.iterdir()) == ["npy", "npy", "tokens.npz", "tokens.npz"]
-    # each kind still reads back as itself, and a damaged token entry is recomputed
-    entry = cache.path(key, tokens=True)
-    entry.write_bytes(entry.read_bytes()[:100])  # truncated: a zip without its directory
+    folder = tmp_path / encoder_key(enc, block)
+    # one file per split and kind, never one per sample
+    assert sorted(p.name.split(".", 1)[1] for p in folder.iterdir()) == ["pooled.safetensors", "tokens.safetensors"]
+    keys = [content_key(split_v[i]["inputs"]["v"]) for i in range(2)]
+    assert PackStore(folder, tokens=True).path(keys) != PackStore(folder).path(keys)
+    # each kind still reads back as itself, and a damaged token pack is detected and recomputed
+    entry = PackStore(folder, tokens=True).path(keys)
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
     again_stats = CacheStats()
     again = precompute(enc, block, split_v, "v", tmp_path, again_stats, tokens=True)
-    assert (again_stats.hits, again_stats.misses) == (1, 1)
-    assert torch.allclose(again[0][0], tokens[0][0], atol=1e-6)  # recomputed alone, not in a batch of 2
+    assert (again_stats.hits, again_stats.misses) == (0, 2)
+    assert all(torch.allclose(a[0], t[0], atol=1e-6) for a, t in zip(again, tokens))
     assert all(isinstance(f, torch.Tensor) for f in precompute(enc, block, split_v, "v", tmp_path, CacheStats()))
 
 

@@ -169,4 +169,7 @@ def test_the_demo_trains_on_the_defaults_with_the_cache(tmp_path):
     assert [cfg["model"]["encoders"][m]["trainable"] for m in ("audio", "image", "text")] == [False] * 3
     results = json.loads((out / "results.json").read_text())["test"]
     assert results["n"] == 10 and sum(results["mean_weights"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert len(list((tmp_path / "c").iterdir())) == 4  # one folder of features per frozen encoder
+    # one folder of features per frozen encoder, and their build records
+    assert "builds" in {p.name for p in (tmp_path / "c").iterdir()}
+    assert len(list((tmp_path / "c").iterdir())) == 4 + 1
+    assert len(list((tmp_path / "c" / "builds").iterdir())) == 4

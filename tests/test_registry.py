@@ -83,6 +83,15 @@ def test_every_component_builds_and_runs(kind, name, request):
         _check_task(name, build(kind, block))
     elif kind == "strategies":
         _check_strategy(block)
+    elif kind == "loggers":  # one epoch and a result into a fresh run folder, something written there
+        run = request.getfixturevalue("tmp_path") / "run"
+        run.mkdir()
+        logger = build(kind, block)
+        logger.start(run, {"seed": 0, "train": {"lr": 0.001}})
+        logger.log_epoch(1, {"epoch": 1, "val": {"accuracy": 0.5, "nll": None}})
+        logger.log_result({"best_epoch": 1, "test": {"accuracy": 0.25}})
+        logger.close()
+        assert any(f.is_file() and f.stat().st_size > 0 for f in run.rglob("*"))
     else:
         pytest.fail(f"kind '{kind}' has no registry-wide test: add a branch here")
 
@@ -158,11 +167,12 @@ def _check_task(name, task):
         probe, expected = ["red", "yes", "no"], [2, IGNORE, 0, 1]  # by frequency, ties by name
     elif name == "captioning":  # soft targets over a concept vocabulary
         train, classes = [{"captions": ["A red circle.", "a circle that is red"]}, {"captions": ["a blue circle"]},
-                          {"captions": ["the red square"]}], []
+                          {"captions": ["the red square"]}, {"captions": ["a green triangle"]}], []
         batch = [{"captions": ["a red one"]}, {"captions": ["a green square"]}, {"captions": ["a blue circle"]},
                  {"captions": ["a pink one", "CIRCLE, red"]}]
-        probe = ["circle", "red", "blue", "square"]  # by samples using the word, ties by name
-        expected = [[0, 1, 0, 0], [0, 0, 0, 1], [0.5, 0, 0.5, 0], [0.5, 0.5, 0, 0]]
+        # by samples using the word (none in more than half of them), ties by name
+        probe = ["circle", "red", "blue", "green", "square", "triangle"]
+        expected = [[0, 1, 0, 0, 0, 0], [0, 0, 0, 0.5, 0.5, 0], [0.5, 0, 0.5, 0, 0, 0], [0.5, 0.5, 0, 0, 0, 0]]
     elif name == "retrieval":  # soft targets over the in-batch candidates (same text = positive)
         train, classes = [{"text": "a red circle"}, {"captions": ["a blue circle", "a circle"]}], []
         batch = [{"text": "a"}, {"captions": ["b", "c"]}, {"text": "a"}, {"text": "c"}]

@@ -1,10 +1,7 @@
 """On-disk cache of frozen encoders' outputs (``fusionkit train --cache-features``).
 
 A frozen encoder in eval mode is a fixed function of its input, so its output for a sample can
-be computed once and reused by later epochs and later runs. Each feature is stored as one
-``.npy`` file (read with ``allow_pickle=False``) at::
-
-    <root>/<encoder key>/<content key>.npy
+be computed once and reused by later epochs and later runs. Features are keyed by
 
 - encoder key: sha256 of the encoder's resolved config block and of every tensor of its
   state (weights and buffers), so another model, other weights or other preprocessing settings
@@ -13,13 +10,15 @@ be computed once and reused by later epochs and later runs. Each feature is stor
   decoded image, waveform or frames; the text; the vector), so a file whose content changes
   gets a new entry and the stale one is simply never read again.
 
-Token entries (``precompute(..., tokens=True)``, for decoders that read sequences) sit next to
-them as ``<content key>.tokens.npz`` holding ``pooled (d,)`` and the real tokens only
-``(L_i, token_dim)`` (padding dropped); the other suffix keeps them apart from pooled-only
-entries of the same encoder and sample. :class:`PrecomputedEncoder` with ``token_dim`` pads
-them back into an :class:`~fusionkit.encoders.base.EncoderOutput` batch.
+They are stored one file per split and encoder (:mod:`fusionkit.data.feature_packs`), pooled
+vectors ``(d,)`` or, for decoders that read sequences (``precompute(..., tokens=True)``), pairs
+``(pooled (d,), tokens (L_i, token_dim))`` holding the real tokens only (padding dropped), in
+files of their own. :class:`PrecomputedEncoder` with ``token_dim`` pads them back into an
+:class:`~fusionkit.encoders.base.EncoderOutput` batch.
 
 Only encoders with no trainable parameter are cached; a fine-tuned encoder changes every step.
+When every feature of a run is cached, the encoder is not even built
+(:mod:`fusionkit.data.cached_encoders`).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,20 +36,24 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fusionkit.encoders.base import Encoder, EncoderOutput
+from fusionkit.data.feature_packs import PackStore
+from fusionkit.data.loader import MEDIA_KINDS, ordered_items
+from fusionkit.encoders.base import Encoder, EncoderOutput, weights_digest
 
 
 def default_root() -> Path:
     return Path(os.environ.get("FUSIONKIT_CACHE", Path.home() / ".cache" / "fusionkit")) / "features"
 
 
-def encoder_key(encoder: Encoder, block: dict[str, Any]) -> str:
-    """Fingerprint of an encoder: its config block and all of its weights and buffers."""
+def encoder_key(weights: Encoder | str, block: dict[str, Any]) -> str:
+    """Fingerprint of an encoder: its config block and all of its weights and buffers.
+
+    ``weights``: the encoder, or its :func:`~fusionkit.encoders.base.weights_digest` when known
+    (hashing a large model once per run is enough).
+    """
+    digest = weights if isinstance(weights, str) else weights_digest(weights)
     h = hashlib.sha256(json.dumps(block, sort_keys=True, default=str).encode())
-    for name, t in sorted(encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
-                 else t.detach().float().cpu().numpy().tobytes())
+    h.update(digest.encode())
     return h.hexdigest()[:32]
 
 
@@ -87,120 +88,89 @@ class CacheStats:
         m["misses"] += misses
 
 
-class FeatureCache:
-    """Read and write per-sample features of one encoder under ``root/<encoder key>``."""
-
-    def __init__(self, root: Path, key: str):
-        self.dir = Path(root) / key
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, content: str, tokens: bool = False) -> Path:
-        return self.dir / (f"{content}.tokens.npz" if tokens else f"{content}.npy")
-
-    def get(self, content: str) -> Tensor | None:
-        p = self.path(content)
-        if not p.is_file():
-            return None
-        try:
-            return torch.from_numpy(np.load(p, allow_pickle=False))
-        except (ValueError, OSError):  # a damaged entry is recomputed, never trusted
-            return None
-
-    def put(self, content: str, feature: Tensor) -> None:
-        self._write(self.path(content), lambda f: np.save(f, _array(feature), allow_pickle=False))
-
-    def get_tokens(self, content: str) -> tuple[Tensor, Tensor] | None:
-        """``(pooled (d,), tokens (L_i, token_dim))`` of a sample, or None if not cached."""
-        p = self.path(content, tokens=True)
-        if not p.is_file():
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as entry:
-                return torch.from_numpy(entry["pooled"]), torch.from_numpy(entry["tokens"])
-        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):  # a damaged entry is recomputed
-            return None
-
-    def put_tokens(self, content: str, pooled: Tensor, tokens: Tensor) -> None:
-        self._write(self.path(content, tokens=True),
-                    lambda f: np.savez(f, pooled=_array(pooled), tokens=_array(tokens)))
-
-    def _write(self, path: Path, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)  # atomic: readers never see half a file
-
-
-def _array(t: Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
 @torch.no_grad()
-def precompute(encoder: Encoder, block: dict[str, Any], split: Dataset, modality: str, root: Path,
-               stats: CacheStats, batch_size: int = 64, tokens: bool = False) -> list[Any]:
+def precompute(encoder: Encoder | None, block: dict[str, Any], split: Dataset, modality: str, root: Path,
+               stats: CacheStats, batch_size: int = 64, tokens: bool = False, *, key: str | None = None,
+               device: torch.device | str | None = None, workers: int = 0) -> list[Any] | None:
     """Features of ``modality`` for every sample of ``split`` (None where it is missing).
 
-    Cached entries are read; the rest are encoded in batches and written. Only this modality's
-    column is decoded. A sample whose value fails to decode under ``on_bad_sample: skip`` gets the
-    split's skip record (a dict with ``"skip"``) instead of a feature, so :class:`CachedSplit`
-    reports it as skipped, exactly as the uncached loader does.
+    Cached entries are read; the rest are encoded in batches and the split's pack is written.
+    Only this modality's column is decoded. A sample whose value fails to decode under
+    ``on_bad_sample: skip`` gets the split's skip record (a dict with ``"skip"``) instead of a
+    feature, so :class:`CachedSplit` reports it as skipped, exactly as the uncached loader does.
+    A sample repeated in the split is encoded once (its repeats count as hits).
 
     Args:
+        encoder: the frozen encoder; None only looks up: the features, or None if any is missing.
         tokens: False: each feature is the pooled vector ``(d,)`` (``encoder(batch)``). True: each
             is the pair ``(pooled (d,), tokens (L_i, token_dim))`` from ``encoder.encode(batch)``,
             the tokens without padding; read it back with ``PrecomputedEncoder(d, token_dim)``.
+        key: the :func:`encoder_key`, if the caller has it (else the encoder's weights are hashed).
+        device: where to encode (the run's device; the encoder is moved there); default: where
+            the encoder's weights are.
+        workers: DataLoader workers that decode the samples ahead (media files only).
     """
-    cache = FeatureCache(root, encoder_key(encoder, block))
-    read = cache.get_tokens if tokens else cache.get
-    was_training = encoder.training
-    encoder.eval()
-    device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
-    out: list[Any] = [None] * len(split)
-    pending: list[tuple[int, str, Any]] = []
-    counts = {"hits": 0, "misses": 0}
+    store = PackStore(Path(root) / (key or encoder_key(encoder, block)), tokens)
+    known = store.index()
+    slots: list[Any] = [None] * len(split)  # per sample: content key, skip record, or None (missing)
+    pending: dict[str, Any] = {}  # content key -> raw value, waiting for a batch
+    computed: dict[str, Any] = {}
+    if encoder is not None:
+        was_training = encoder.training
+        encoder.eval()
+        if device is not None:
+            encoder.to(device)
+        device = next((p.device for p in encoder.parameters()), torch.device(device or "cpu"))
 
     def flush() -> None:
-        counts["misses"] += len(pending)
-        batch = encoder.collate([encoder.preprocess(raw) for _, _, raw in pending])
-        batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
-        if tokens:
-            encoded = encoder.encode(batch)  # pooled (n, d), tokens (n, L, token_dim), mask (n, L)
-            pooled, toks, mask = encoded.pooled.float().cpu(), encoded.tokens.float().cpu(), encoded.token_mask.cpu()
-            for (i, key, _), p, t, m in zip(pending, pooled, toks, mask):
-                real = t[m].clone()  # (L, token_dim) -> (L_i, token_dim): padded positions dropped
-                cache.put_tokens(key, p, real)
-                out[i] = (p, real)
-        else:
-            feats = encoder(batch).float().cpu()  # (n, out_dim)
-            for (i, key, _), f in zip(pending, feats):
-                cache.put(key, f)
-                out[i] = f
+        computed.update(_encode(encoder, pending, tokens, device))
         pending.clear()
 
     others = set(getattr(split, "columns", ())) - {modality}
-    split = _blank_columns(split, others)  # decode this modality only
-    for i in range(len(split)):
-        item = split[i]
+    view = _blank_columns(split, others)  # decode this modality only
+    media = (getattr(split, "kinds", None) or {}).get(modality) in MEDIA_KINDS
+    for i, item in enumerate(ordered_items(view, workers if media else 0)):
         if "skip" in item:
-            out[i] = item  # the value could not be decoded: the row is reported, never silently dropped
+            slots[i] = item  # the value could not be decoded: the row is reported, never silently dropped
             continue
         raw = item.get("inputs", {}).get(modality)
         if raw is None:
             continue
-        key = content_key(raw)
-        cached = read(key)
-        if cached is not None:
-            out[i] = cached
-            counts["hits"] += 1
+        slots[i] = k = content_key(raw)
+        if k in known or k in computed or k in pending:
             continue
-        pending.append((i, key, raw))
+        if encoder is None:
+            return None  # a lookup only, and this sample is not cached
+        pending[k] = raw
         if len(pending) >= batch_size:
             flush()
     if pending:
         flush()
-    stats.add(modality, counts["hits"], counts["misses"])
-    encoder.train(was_training)
-    return out
+    if encoder is not None:
+        encoder.train(was_training)
+    present = [s for s in slots if isinstance(s, str)]
+    stored = store.read([k for k in dict.fromkeys(present) if k not in computed], own=present)
+    if stored is None:  # a damaged pack was deleted: look again, computing its samples anew
+        return precompute(encoder, block, split, modality, root, stats, batch_size, tokens, key=key, device=device,
+                          workers=workers) if encoder is not None else None
+    features = {**stored, **computed}
+    if present and (computed or not store.path(present).is_file()):
+        store.write(present, features)  # next time this split is one file
+    stats.add(modality, len(present) - len(computed), len(computed))
+    return [features[s] if isinstance(s, str) else s for s in slots]
+
+
+def _encode(encoder: Encoder, pending: dict[str, Any], tokens: bool, device) -> dict[str, Any]:
+    """Content key -> feature for a batch of raw values (pooled, or (pooled, real tokens))."""
+    batch = encoder.collate([encoder.preprocess(raw) for raw in pending.values()])
+    batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
+    if tokens:
+        encoded = encoder.encode(batch)  # pooled (n, d), tokens (n, L, token_dim), mask (n, L)
+        pooled, toks, mask = encoded.pooled.float().cpu(), encoded.tokens.float().cpu(), encoded.token_mask.cpu()
+        # (L, token_dim) -> (L_i, token_dim): padded positions dropped
+        return {k: (p, t[m].clone()) for k, p, t, m in zip(pending, pooled, toks, mask)}
+    feats = encoder(batch).float().cpu()  # (n, out_dim)
+    return dict(zip(pending, feats))
 
 
 def _blank_columns(split, blank: set[str]):

@@ -15,6 +15,10 @@ Streamed splits (an ``IterableDataset``, e.g. WebDataset shards) go through :cla
 instead of :class:`EncodedDataset`; :func:`encoded` picks the right one. A DataLoader over a
 stream takes ``shuffle=False``: the split shuffles itself (shard order and a sample buffer) and
 splits its shards across DDP ranks and DataLoader workers.
+
+DataLoader workers pay off only where reading an item decodes media: :func:`decodes_media` tells
+the trainer which splits those are (a split held in memory, or whose media all come from the
+feature cache, is read in the main process).
 """
 
 from __future__ import annotations
@@ -26,6 +30,46 @@ from torch.utils.data import Dataset, IterableDataset
 
 from fusionkit.encoders.base import Encoder
 from fusionkit.errors import DataError, FusionkitError
+
+MEDIA_KINDS = ("image", "audio", "video")  # what takes decoding; text and inline vectors do not
+
+
+def decodes_media(split: Dataset) -> bool:
+    """Whether reading ``split``'s items decodes images, audio or video (from files or bytes).
+
+    Wrappers (a :class:`~fusionkit.data.cache.CachedSplit`, an augmented split) are looked
+    through; modalities the feature cache serves are not decoded. Streams always decode; a split
+    of unknown type (a plugin's) is assumed to; an in-memory ``MultimodalSplit`` (digits) never does.
+    """
+    from fusionkit.datasets.base import MultimodalSplit
+
+    served: set[str] = set()
+    while not isinstance(split, IterableDataset) and hasattr(split, "split"):
+        served |= set(getattr(split, "features", None) or ())
+        split = split.split
+    if isinstance(split, IterableDataset):
+        return True
+    kinds = getattr(split, "kinds", None)
+    if kinds is None:
+        return type(split) is not MultimodalSplit
+    return any(kind in MEDIA_KINDS and m not in served for m, kind in kinds.items())
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def ordered_items(split: Dataset, workers: int = 0, ahead: int = 64):
+    """``split[0], split[1], ...`` in order; decoded up to ``ahead`` items ahead in ``workers``
+    DataLoader workers when that is more than 0 and the split decodes media (:func:`decodes_media`).
+    The global RNG is left alone (the workers' seeds come from a generator of their own)."""
+    if workers <= 0 or not decodes_media(split):
+        yield from (split[i] for i in range(len(split)))
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(split, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                          prefetch_factor=max(1, ahead // workers), generator=torch.Generator().manual_seed(0))
 
 
 class EncodedDataset(Dataset):

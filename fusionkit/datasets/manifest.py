@@ -47,6 +47,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePath
@@ -584,13 +585,18 @@ class ManifestDataset(MultimodalDataset):
         """The default encoders are frozen, so: cache their features; and, for classification,
         where only the projectors, fusion and heads learn (often from few rows), batches of about
         rows / 64 (8 to 64, ~40 steps per epoch from 512 rows up) and a learning rate for heads.
+        Media files are decoded in DataLoader workers, one per core but one (at most 4).
         Each applies only where the config sets nothing."""
+        from fusionkit.data.loader import MEDIA_KINDS
+
+        on_disk = any(kind in MEDIA_KINDS for kind in self._scan.kinds.values())
+        workers = {"num_workers": min(4, max(0, (os.cpu_count() or 1) - 1))} if on_disk else {}
         if self.config.task != "classification":  # an LM decoder keeps the trainer's batch size and lr
-            return {"cache_features": True}
+            return {"cache_features": True, **workers}
         rows = len(self._scan.rows)
         # rows / 64, as a power of two: an epoch over the ~60% training rows has ~40 steps
         batch = 2 ** int(math.log2(max(rows // 64, 1)))
-        return {"cache_features": True, "batch_size": min(max(batch, 8), 64), "lr": 3e-3}
+        return {"cache_features": True, "batch_size": min(max(batch, 8), 64), "lr": 3e-3, **workers}
 
     def load(self) -> DatasetBundle:
         cfg = self.config

@@ -13,7 +13,9 @@ frames) override :meth:`encode` and set ``token_dim``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +79,17 @@ class Encoder(nn.Module):
     def from_config(cls, config: BaseModel, *, spec: ModalitySpec):
         return cls(config, spec=spec)
 
+    @classmethod
+    def weight_files(cls, config: BaseModel) -> list[Path] | None:
+        """The local files an encoder built from ``config`` takes ALL of its weights from, or None.
+
+        A list says the build is a function of ``config`` and those files alone (nothing random
+        left in it), so a frozen encoder can be rebuilt instead of saved in checkpoints, and the
+        feature cache can stand in for it without building it. None (this default): random init,
+        a download, or not known; such an encoder is always built and always saved.
+        """
+        return None
+
     def preprocess(self, raw: Any) -> Any:
         """One raw sample -> what :meth:`collate` takes (runs in DataLoader workers)."""
         return raw
@@ -126,3 +139,27 @@ class Encoder(nn.Module):
     @property
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
+
+    @property
+    def rebuilt(self) -> bool:
+        """Frozen and taking every weight from files (:meth:`weight_files`): checkpoints leave its
+        weights out and record their :func:`weights_digest`, which loading checks."""
+        return self.frozen and bool(type(self).weight_files(self.config))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of every tensor of ``module``'s state (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy().reshape(-1).view("uint8"))
+    return h.hexdigest()
+
+
+def files_under(path: Path) -> list[Path]:
+    """``path`` itself if it is a file, else every file below it (sorted); [] if it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []

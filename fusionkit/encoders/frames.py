@@ -59,6 +59,14 @@ class FramesEncoder(Encoder):
     Config = FramesConfig
     kinds = ("video",)
 
+    @classmethod
+    def weight_files(cls, config: FramesConfig):
+        """The inner image encoder's files with mean pooling; None with attention pooling (random init)."""
+        if config.pooling != "mean":
+            return None
+        inner, inner_config = registry("encoders").validate(config.image, "encoder frames.image")
+        return inner.weight_files(inner_config)
+
     def __init__(self, config=None, *, spec):
         super().__init__(config, spec=spec)
         cfg = self.config

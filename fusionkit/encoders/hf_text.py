@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput
+from fusionkit.encoders.base import Encoder, EncoderConfig, EncoderOutput, files_under
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.registry import register
 
@@ -54,6 +54,15 @@ class HFTextEncoder(Encoder):
 
     Config = HFTextConfig
     kinds = ("text",)
+
+    @classmethod
+    def weight_files(cls, config: HFTextConfig) -> list[Path] | None:
+        """The files of the model folder (the bundled MiniLM or a local folder); None for a hub id."""
+        try:
+            folder = Path(resolve_model_path(config.model))
+        except ConfigError:
+            return None
+        return files_under(folder) or None
 
     def __init__(self, config=None, *, spec):
         super().__init__(config, spec=spec)

@@ -97,6 +97,12 @@ class MelCNNEncoder(Encoder):
     Config = MelCNNConfig
     kinds = ("audio",)
 
+    @classmethod
+    def weight_files(cls, config: MelCNNConfig):
+        from fusionkit.encoders.timm_image import timm_weight_files
+
+        return timm_weight_files(config.model_name, config.pretrained)  # the mel filterbank is computed
+
     def __init__(self, config=None, *, spec):
         super().__init__(config, spec=spec)
         import torchaudio.functional as AF

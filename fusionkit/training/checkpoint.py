@@ -2,7 +2,9 @@
 
 A checkpoint is the folder ``checkpoints/<name>/`` holding
 
-- ``model.safetensors``: the weights (frozen pretrained weights the model rebuilds are left out);
+- ``model.safetensors``: the weights (frozen pretrained weights the model rebuilds are left out:
+  an LM decoder's, and every frozen encoder that takes all of its weights from files its config
+  names, whose sha256 ``meta.json`` records under ``rebuilt_encoders`` and loading checks);
 - ``optim.safetensors``: the optimizer's tensors (only when an optimizer is saved, i.e. ``last``);
 - ``meta.json``: epoch, validation metrics, task state, optimizer hyperparameters and, for
   ``last``, everything ``fusionkit train --resume`` needs (LR schedule, RNG states, best so far).
@@ -182,6 +184,8 @@ def save_checkpoint(directory: Path, name: str, model: nn.Module, metadata: dict
     try:
         save_file(_cpu_state(model), str(tmp / WEIGHTS), metadata=header)
         meta = dict(metadata)
+        if hasattr(model, "rebuilt_encoders"):  # left out above: say which weights they must be
+            meta["rebuilt_encoders"] = {m: model.weights_digest(m) for m in model.rebuilt_encoders()}
         if optimizer is not None:
             _pause("weights written, optimizer next", name, epoch)
             tensors, meta["optimizer"] = optimizer_tensors(optimizer)
@@ -336,6 +340,24 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
         raise RunDirError(f"checkpoint '{ck.weights}' does not fit this model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     return meta
+
+
+def check_rebuilt_encoders(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
+    """Check that the encoders a checkpoint left out (``meta["rebuilt_encoders"]``), rebuilt from
+    the run's config, have the weights the run was trained with.
+
+    Raises:
+        RunDirError: a weights file changed since (another download, an edited file).
+    """
+    for m, digest in (meta.get("rebuilt_encoders") or {}).items():
+        if m not in getattr(model, "encoders", {}):
+            raise RunDirError(f"checkpoint '{path}' was trained with an encoder for '{m}' that this model lacks; "
+                              f"if the run's config.yaml was edited after training, restore it")
+        actual = model.weights_digest(m)
+        if actual != digest:
+            raise RunDirError(f"checkpoint '{path}': encoder '{m}' built from the run's config.yaml has other "
+                              f"weights (sha256 {actual[:12]}) than the run was trained with ({digest[:12]}); its "
+                              f"weights file changed since: restore that file, or train the run again")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:

@@ -15,20 +15,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, IterableDataset
 
 from fusionkit.config import RunConfig, to_yaml
-from fusionkit.data.cache import CacheStats, CachedSplit, PrecomputedEncoder, precompute
+from fusionkit.data.cache import CacheStats, CachedSplit, PrecomputedEncoder, encoder_key, precompute
 from fusionkit.data.cache import default_root as cache_root
-from fusionkit.data.loader import Collate, encoded
+from fusionkit.data.cached_encoders import CachedEncoder, EncoderBuilder
+from fusionkit.data.loader import Collate, decodes_media, encoded
 from fusionkit.datasets.base import DatasetBundle
 from fusionkit.errors import ConfigError, RunDirError
 from fusionkit.evaluation import collect, evaluate
 from fusionkit.model import MultimodalModel, build_model
-from fusionkit.registry import build
+from fusionkit.registry import build, registry
 from fusionkit.strategies.runner import start_strategies
 from fusionkit.tasks.targets import has_label
 from fusionkit.training.augment import AugmentedSplit, resolve_augment
 from fusionkit.training.calibration import calibrate_heads
 from fusionkit.training.checkpoint import (
     atomic_write_text,
+    check_rebuilt_encoders,
     dumps,
     find_checkpoint,
     finite_json,
@@ -112,12 +114,27 @@ def seed_and_build(cfg: RunConfig, bundle: DatasetBundle) -> MultimodalModel:
     from lightning_fabric.utilities.seed import seed_everything
 
     seed_everything(cfg.seed, verbose=False)
-    return make_model(cfg, bundle)
+    return make_model(cfg, bundle, feature_cache=cfg.train.cache_features)
 
 
-def make_model(cfg: RunConfig, bundle: DatasetBundle, task=None) -> MultimodalModel:
+def make_model(cfg: RunConfig, bundle: DatasetBundle, task=None, *, feature_cache: bool = False) -> MultimodalModel:
+    """The model of ``cfg`` for ``bundle``'s data.
+
+    Args:
+        feature_cache: for training with ``train.cache_features``: a frozen encoder whose
+            features of every sample of ``bundle`` are cached is not built; a weightless
+            :class:`~fusionkit.data.cached_encoders.CachedEncoder` carries those features to
+            :func:`use_feature_cache` instead (the model's other weights are the same).
+    """
     task = task if task is not None else make_task(cfg, bundle)
-    model = build_model(cfg.model, bundle.modalities, cfg.modalities, task)
+    builder = None
+    if feature_cache:
+        live = {a.modality for a in resolve_augment(cfg.train.augment, bundle.modalities) if a.changes_values}
+        tokens = bool(getattr(registry("decoders").get(cfg.model.decoder["name"]), "needs_tokens", False))
+        builder = EncoderBuilder(cache_dir(cfg), bundle.splits, tokens, live, workers=cfg.train.num_workers)
+    model = build_model(cfg.model, bundle.modalities, cfg.modalities, task, make_encoder=builder)
+    if builder is not None:
+        model.weights_digests.update(builder.digests)
     if task.generative and not getattr(model.decoder, "generative", False):
         raise ConfigError(f"task '{cfg.task['name']}' generates text: choose a generative decoder "
                           f"(model.decoder={{name: llava}}), not '{cfg.model.decoder['name']}'")
@@ -128,33 +145,65 @@ def make_loader(model: MultimodalModel, split, cfg: RunConfig, shuffle: bool, se
     encoders = {m: (PrecomputedEncoder(e.out_dim, e.token_dim if model.needs_tokens else None)
                     if m in model.precomputed else e) for m, e in model.encoders.items()}
     generator = torch.Generator().manual_seed(seed)
-    # an augmented split draws new corruptions each epoch (set_epoch), which workers only see if
-    # they are re-created per epoch
-    persistent = cfg.train.num_workers > 0 and not isinstance(split, AugmentedSplit)
+    # workers decode media; a split in memory (or all served by the feature cache) is read here.
+    # They are started anew each epoch (not persistent): then the shuffle draws from the generator
+    # exactly as without workers, so a run's numbers do not depend on how many there are (the
+    # manifest's default follows the machine's cores), and an augmented split's set_epoch reaches them
+    workers = cfg.train.num_workers if decodes_media(split) else 0
     dataset = encoded(split, encoders)
     shuffle = shuffle and not isinstance(dataset, IterableDataset)  # a stream (webdataset) shuffles itself
     return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=shuffle,
-                      num_workers=cfg.train.num_workers, collate_fn=Collate(encoders, model.task.collate_targets),
-                      generator=generator,
-                      persistent_workers=persistent)
+                      num_workers=workers, collate_fn=Collate(encoders, model.task.collate_targets),
+                      generator=generator)
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    """The feature cache folder: ``train.cache_dir``, else ``~/.cache/fusionkit/features``."""
+    return Path(cfg.train.cache_dir) if cfg.train.cache_dir else cache_root()
 
 
 def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBundle, console=None,
-                      exclude: set[str] = frozenset()) -> CacheStats:
+                      exclude: set[str] = frozenset(), device: torch.device | str | None = None) -> CacheStats:
     """Serve every frozen encoder's outputs from the on-disk cache (computing the missing ones).
 
     The splits of ``bundle`` are replaced by :class:`CachedSplit` views and the model is told to
-    skip those encoders; their weights stay in the model and its checkpoints. Modalities in
-    ``exclude`` (those ``train.augment`` rewrites) keep running their encoder.
+    skip those encoders. A frozen encoder whose weights come from files (rebuilt from the config,
+    never saved in checkpoints) is replaced by a weightless
+    :class:`~fusionkit.data.cached_encoders.CachedEncoder`; the others keep their weights.
+    Modalities in ``exclude`` (those ``train.augment`` rewrites) keep running their encoder.
+
+    Args:
+        device: where missing features are computed (the run's device; default: where the
+            encoders are). The features do not depend on it beyond floating-point rounding.
     """
-    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else cache_root()
+    root = cache_dir(cfg)
     stats = CacheStats()
+    for m in exclude:  # a stand-in cannot encode: an excluded modality needs its real encoder
+        if isinstance(model.encoders[m], CachedEncoder):
+            model.encoders[m] = model.encoders[m].materialize()
     frozen = [m for m, e in model.encoders.items()
               if m not in exclude and not any(p.requires_grad for p in e.parameters())]
+    features: dict[str, dict[str, list]] = {}
+    for m in frozen:
+        enc, block = model.encoders[m], cfg.model.encoders[m]
+        feats = enc.features if isinstance(enc, CachedEncoder) else {}
+        if all(name in feats and len(feats[name]) == len(split) for name, split in bundle.splits.items()):
+            for name in bundle.splits:  # the model was built for this data: every feature is cached
+                stats.add(m, sum(f is not None and not isinstance(f, dict) for f in feats[name]), 0)
+        else:
+            if isinstance(enc, CachedEncoder):  # built for other data: the missing features need the encoder
+                enc = model.encoders[m] = enc.materialize()
+            key = encoder_key(model.weights_digest(m), block)  # the weights are hashed once
+            feats = {name: precompute(enc, block, split, m, root, stats, batch_size=cfg.train.batch_size,
+                                      tokens=model.needs_tokens, key=key, device=device,
+                                      workers=cfg.train.num_workers)
+                     for name, split in bundle.splits.items()}
+        features[m] = feats
+        if getattr(enc, "rebuilt", False):  # its weights are rebuilt from the config when needed: drop them now
+            model.encoders[m] = CachedEncoder.replacing(enc, block, model.weights_digest(m))
     for name, split in list(bundle.splits.items()):
-        feats = {m: precompute(model.encoders[m], cfg.model.encoders[m], split, m, root, stats,
-                               batch_size=cfg.train.batch_size, tokens=model.needs_tokens) for m in frozen}
-        bundle.splits[name] = CachedSplit(split, feats) if feats else split
+        if frozen:
+            bundle.splits[name] = CachedSplit(split, {m: features[m][name] for m in frozen})
     model.precomputed = set(frozen)
     if console is not None and frozen:
         console.print(f"feature cache {root}: {stats.hits} hits, {stats.misses} computed "
@@ -261,17 +310,20 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     bundle = bundle or load_data(cfg)
-    model = model if model is not None else make_model(cfg, bundle)
+    model = model if model is not None else make_model(cfg, bundle, feature_cache=cfg.train.cache_features)
     resumed = load_weights(model, last.weights) if last is not None else None  # on the CPU, before Fabric moves it
     if resumed is not None and "resume" not in resumed:
         raise RunDirError(f"checkpoint '{last.meta}' holds no resume state (written by an earlier fusionkit); "
                           f"train the run again with --out {run_dir} --overwrite")
+    if resumed is not None:
+        check_rebuilt_encoders(model, resumed, last.weights)  # frozen weights rebuilt from files: the same files?
     augmentations = resolve_augment(cfg.train.augment, bundle.modalities)
     cache_stats = None
     if cfg.train.cache_features:
         rewritten = {a.modality for a in augmentations if a.changes_values}
-        cache_stats = use_feature_cache(model, cfg, bundle, console if rank0 else None,
-                                        exclude=rewritten)
+        with fabric.rank_zero_first():  # under DDP rank 0 fills the cache, then the others read it
+            cache_stats = use_feature_cache(model, cfg, bundle, console if rank0 else None,
+                                            exclude=rewritten, device=fabric.device)
     train_split = AugmentedSplit(bundle.splits["train"], augmentations, cfg.seed) if augmentations \
         else bundle.splits["train"]
     train_loader = make_loader(model, train_split, cfg, shuffle=True, seed=cfg.seed)
@@ -281,9 +333,10 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
     fmodel, optimizer = fabric.setup(model, optimizer)
     train_loader, val_loader, test_loader = fabric.setup_dataloaders(train_loader, val_loader, test_loader)
+    # sized now: under DDP setup_dataloaders gives each process its share of the batches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
     strategies = start_strategies(cfg, model, optimizer, fabric, resumed)  # train.strategies (hooks below)
 
     best: tuple[float, float] | None = None
@@ -421,5 +474,6 @@ def load_run(run_dir: Path, checkpoint: str = "best"):
     meta = read_meta(found.weights)
     model = make_model(cfg, bundle, make_task(cfg, bundle, meta.get("task")))
     load_weights(model, found.weights)
+    check_rebuilt_encoders(model, meta, found.weights)  # frozen encoders were rebuilt from their files
     model.eval()
     return cfg, bundle, model
