@@ -120,7 +120,8 @@ def comparable(cfg_dict: dict) -> dict:
 
 def train_run(part: str, arm: str, seed: int, args) -> Path:
     config, overrides = part_overrides(part, args)
-    cfg = resolve(load_raw(REPO / config, overrides + arms(part, args)[arm] + [f"seed={seed}"]))
+    # the arm first: a --set on model.fusion (e.g. model.fusion.mwcl_weight=0) then refines it
+    cfg = resolve(load_raw(REPO / config, arms(part, args)[arm] + overrides + [f"seed={seed}"]))
     run_dir = args.out / "runs" / part / f"{arm}-seed{seed}"
     if (run_dir / "results.json").is_file():
         saved = resolve(read_yaml(run_dir / "config.yaml"))
