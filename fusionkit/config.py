@@ -74,6 +74,9 @@ class RuntimeConfig(_Strict):
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
         "32-true", description="bf16-mixed on recent GPUs; 32-true reproduces CPU results exactly")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
+    compile: bool = Field(False, description=(
+        "torch.compile the fusion layer in place (checkpoint keys unchanged); the DMS forward is one graph"))
+    compile_backend: str = Field("inductor", description="torch.compile backend, e.g. inductor or aot_eager")
 
     @field_validator("devices")
     @classmethod

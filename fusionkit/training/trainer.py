@@ -211,6 +211,18 @@ def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBun
     return stats
 
 
+def compile_fusion(model: MultimodalModel, cfg: RunConfig) -> None:
+    """``torch.compile`` the fusion layer in place (``runtime.compile``): its parameters and
+    checkpoint keys stay as they are. The retrieval decoder re-maps the probes every batch, which
+    would recompile every batch, so it is refused."""
+    if getattr(model.decoder, "retrieval", False):
+        raise ConfigError("runtime.compile: the retrieval decoder maps the probes anew every batch, which "
+                          "would recompile every batch; leave runtime.compile off for retrieval")
+    # static shapes: the MC-dropout masks are drawn with the batch size in their shape, which a
+    # symbolic size cannot give; the last, smaller batch compiles once more
+    model.fusion.compile(backend=cfg.runtime.compile_backend, dynamic=False)
+
+
 def lr_lambda(cfg: RunConfig, steps_per_epoch: int):
     """Linear warmup for ``warmup_epochs``, then cosine to 0 (or constant)."""
     total = cfg.train.epochs * steps_per_epoch
@@ -333,6 +345,8 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.runtime.compile:
+        compile_fusion(model, cfg)
     fmodel, optimizer = fabric.setup(model, optimizer)
     train_loader, val_loader, test_loader = fabric.setup_dataloaders(train_loader, val_loader, test_loader)
     # sized now: under DDP setup_dataloaders gives each process its share of the batches
