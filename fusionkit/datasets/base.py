@@ -5,14 +5,18 @@ from __future__ import annotations
 import numbers
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 from torch.utils.data import Dataset
 
 from fusionkit.encoders.base import ModalitySpec
 
+
+
+# a dataset config's ``classes: [...]``: YAML [0, 1, 2] becomes the names ["0", "1", "2"]
+ClassNames = Annotated[list[str] | None, BeforeValidator(lambda v: [str(c) for c in v] if isinstance(v, list) else v)]
 
 class DatasetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

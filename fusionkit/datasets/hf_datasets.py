@@ -39,8 +39,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from fusionkit.datasets.base import (DatasetBundle, DatasetConfig, MultimodalDataset, MultimodalSplit,
-                                     small_default_encoders, stratified_split)
+from fusionkit.datasets.base import (ClassNames, DatasetBundle, DatasetConfig, MultimodalDataset,
+                                     MultimodalSplit, small_default_encoders, stratified_split)
 from fusionkit.datasets.manifest import _label_name, _sorted_labels
 from fusionkit.encoders.base import ModalitySpec
 from fusionkit.errors import DataError
@@ -59,7 +59,7 @@ class HFDatasetsConfig(DatasetConfig):
     label: str = Field("label", description="column with each row's class (ClassLabel, string or integer)")
     modalities: dict[str, str] | None = Field(None, description=(
         "modality name -> column; None = every Image/Audio/Video/string/float-list column but the label"))
-    classes: list[str] | None = Field(None, description=(
+    classes: ClassNames = Field(None, description=(
         "class names in index order; None = the ClassLabel's names, else the sorted labels found"))
     splits: dict[Literal["train", "val", "test"], str] | None = Field(None, description=(
         "fusionkit split -> dataset split; None = train, validation/val/valid/dev, test; "
@@ -77,11 +77,6 @@ class HFDatasetsConfig(DatasetConfig):
     def _absolute(cls, v: str) -> str:
         # a local path is stored absolute (run folders work from any directory); a hub id stays as is
         return v if _is_hub_id(v) else str(Path(v).expanduser().absolute())
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _class_names(cls, v: Any) -> Any:
-        return [str(c) for c in v] if isinstance(v, list) else v  # YAML [0, 1, 2] -> names
 
     @model_validator(mode="after")
     def _checks(self):

@@ -56,8 +56,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from fusionkit.datasets.base import (DatasetBundle, DatasetConfig, MultimodalDataset, MultimodalSplit,
-                                     pretrained_default_encoders)
+from fusionkit.datasets.base import (ClassNames, DatasetBundle, DatasetConfig, MultimodalDataset,
+                                     MultimodalSplit, pretrained_default_encoders)
 from fusionkit.encoders.base import ModalitySpec
 from fusionkit.errors import DataError
 from fusionkit.registry import register
@@ -78,7 +78,7 @@ class ManifestConfig(DatasetConfig):
     modalities: dict[str, Kind] | None = Field(None, description=(
         "column -> kind (image/text/audio/video/vector); None = infer from the values"))
     label_column: str = Field("label", description="column holding each row's class")
-    classes: list[str] | None = Field(None, description=(
+    classes: ClassNames = Field(None, description=(
         "class names in index order; None = the sorted labels found (numeric order if all are integers)"))
     split_column: str | None = Field("split", description=(
         "column with train/val/test; when the manifest has no such column (or None), a stratified "
@@ -107,11 +107,6 @@ class ManifestConfig(DatasetConfig):
     def _absolute(cls, v: str) -> str:
         # stored absolute, so a run folder's config.yaml keeps working from any directory
         return str(Path(v).expanduser().absolute())
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _class_names(cls, v: Any) -> Any:
-        return [str(c) for c in v] if isinstance(v, list) else v  # YAML [0, 1, 2] -> names
 
     @model_validator(mode="after")
     def _fractions(self):

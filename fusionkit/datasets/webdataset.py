@@ -53,7 +53,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fusionkit.data.shards import (ShardScan, buffer_shuffle, expand_shards, iter_samples, kept, plan, rank_world,
                                    scan_shards)
-from fusionkit.datasets.base import DatasetBundle, DatasetConfig, MultimodalDataset, small_default_encoders
+from fusionkit.datasets.base import ClassNames, DatasetBundle, DatasetConfig, MultimodalDataset, small_default_encoders
 from fusionkit.datasets.manifest import EXTENSIONS, _sorted_labels
 from fusionkit.encoders.base import ModalitySpec
 from fusionkit.errors import DataError
@@ -78,7 +78,7 @@ class WebDatasetConfig(DatasetConfig):
         "modality name -> file extension in a sample (png, txt, wav, npy ...); None = every known "
         "extension in the first train shard"))
     label: str = Field("cls", description="extension of the file holding each sample's class (a name or an index)")
-    classes: list[str] | None = Field(None, description=(
+    classes: ClassNames = Field(None, description=(
         "class names in index order; None = the sorted labels of the train shards (read once)"))
     shuffle_buffer: int = Field(1000, ge=0, description=(
         "train only: undecoded samples held to shuffle (0 = shard order shuffling only)"))
@@ -98,11 +98,6 @@ class WebDatasetConfig(DatasetConfig):
         if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
             raise ValueError("give a shard path pattern or a non-empty list of them")
         return [str(Path(p).expanduser().absolute()) for p in patterns]
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _class_names(cls, v: Any) -> Any:
-        return [str(c) for c in v] if isinstance(v, list) else v  # YAML [0, 1, 2] -> names
 
     @model_validator(mode="after")
     def _checks(self):
