@@ -45,6 +45,11 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables")
     num_workers: int = Field(0, ge=0, description="DataLoader workers; 0 keeps tiny runs fastest")
     monitor: Literal["accuracy", "loss"] = Field("accuracy", description="val metric that picks the best checkpoint")
+    val_every: int = Field(1, ge=1, description=(
+        "validate (and consider a best checkpoint) every N epochs and after the last one; the last "
+        "checkpoint is still written every epoch"))
+    eval_batch_size: int | None = Field(None, ge=1, description=(
+        "samples per batch in validation and test; None = batch_size. Results do not depend on it"))
     cache_features: bool = Field(False, description=(
         "store frozen encoders' outputs on disk once (keyed by encoder, weights and content) so "
         "later epochs and runs skip those encoders"))

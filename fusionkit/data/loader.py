@@ -18,7 +18,9 @@ splits its shards across DDP ranks and DataLoader workers.
 
 DataLoader workers pay off only where reading an item decodes media: :func:`decodes_media` tells
 the trainer which splits those are (a split held in memory, or whose media all come from the
-feature cache, is read in the main process).
+feature cache, is read in the main process). Such an in-memory split goes through
+:class:`PreparedSplit` instead: preprocessed once, stacked per modality, and served a whole batch
+per call (the same batches as :class:`Collate` makes, without per-sample Python work).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
 from fusionkit.encoders.base import Encoder
@@ -155,3 +158,106 @@ class Collate:
         return {"inputs": inputs, "rows": rows, "mask": mask, **collated,
                 "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
                 "skipped": skipped}
+
+
+def _stacks(encoder) -> bool:
+    """Whether ``encoder.collate`` is a plain ``torch.stack`` of its items."""
+    from fusionkit.data.cache import PrecomputedEncoder
+
+    if isinstance(encoder, PrecomputedEncoder):
+        return encoder.token_dim is None
+    return type(encoder).collate is Encoder.collate
+
+
+class PreparedSplit(Dataset):
+    """A split held in memory, preprocessed once and served a whole batch per call.
+
+    Every item goes through ``encoder.preprocess`` once, here (errors are raised as
+    :class:`EncodedDataset` raises them). A modality whose encoder collates with ``torch.stack``
+    and whose preprocessed values all have one shape is stacked into one tensor; the others keep
+    their preprocessed values and are collated per batch. A DataLoader over it must take
+    ``collate_fn=``:func:`as_batch`: :meth:`__getitems__` returns the finished batch, equal to what
+    :class:`Collate` makes of the same items.
+
+    Build it with :func:`prepare`, which says where it applies (nothing decodes media, no sample
+    is skipped, every encoder's ``preprocess`` is deterministic).
+    """
+
+    def __init__(self, items: list[dict[str, Any]], encoders: dict[str, Encoder], collate_targets=None):
+        self.encoders = encoders
+        self.modalities = sorted(encoders)
+        self.collate_targets = collate_targets
+        n = len(items)
+        self.mask = torch.tensor([[it["inputs"][m] is not None for m in self.modalities] for it in items],
+                                 dtype=torch.bool).reshape(n, len(self.modalities))  # (N, M)
+        self.targets = [it["target"] for it in items]
+        self.index = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (N,)
+        self.stacked: dict[str, tuple[Tensor, Tensor]] = {}  # m -> (row of each sample in values, -1 if absent; values)
+        self.values: dict[str, list[Any]] = {}  # m -> per-sample preprocessed value (None if absent)
+        for j, m in enumerate(self.modalities):
+            column = [it["inputs"][m] for it in items]
+            present = [v for v in column if v is not None]
+            if _stacks(encoders[m]) and present and all(isinstance(v, Tensor) for v in present) \
+                    and len({tuple(v.shape) for v in present}) == 1:
+                position = torch.full((n,), -1, dtype=torch.long)
+                position[self.mask[:, j]] = torch.arange(len(present))
+                self.stacked[m] = (position, torch.stack(present))  # (N,), (n_m, ...)
+            else:
+                self.values[m] = column
+        self.complete = {m for j, m in enumerate(self.modalities) if m in self.stacked and bool(self.mask[:, j].all())}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices, dtype=torch.long)  # (B,)
+        mask = self.mask[idx]  # (B, M)
+        inputs, rows = {}, {}
+        everyone = torch.arange(len(idx))  # (B,)
+        for j, m in enumerate(self.modalities):
+            if m in self.complete:  # every sample has it: no gaps to look up
+                rows[m], inputs[m] = everyone, self.stacked[m][1][idx]
+                continue
+            present = mask[:, j].nonzero().flatten()
+            rows[m] = present
+            if not len(present):
+                inputs[m] = None
+            elif m in self.stacked:
+                position, values = self.stacked[m]
+                inputs[m] = values[position[idx[present]]]
+            else:
+                column = self.values[m]
+                inputs[m] = self.encoders[m].collate([column[i] for i in idx[present].tolist()])
+        targets = [self.targets[i] for i in indices]
+        collated = self.collate_targets(targets) if self.collate_targets is not None \
+            else {"target": torch.tensor(targets, dtype=torch.long)}
+        return {"inputs": inputs, "rows": rows, "mask": mask, **collated, "index": self.index[idx], "skipped": []}
+
+
+def as_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collate function of a DataLoader over a :class:`PreparedSplit` (its batches are finished)."""
+    return batch
+
+
+def prepare(split: Dataset, encoders: dict[str, Encoder], collate_targets=None) -> PreparedSplit | None:
+    """``split`` as a :class:`PreparedSplit`, or None where it does not apply: a split that decodes
+    media or streams, one whose items change between epochs (``train.augment``), an encoder whose
+    ``preprocess`` is random, or a split with skipped samples (they are reported by :class:`Collate`)."""
+    from fusionkit.training.augment import AugmentedSplit
+
+    wrapped = split
+    while hasattr(wrapped, "split") and not isinstance(wrapped, IterableDataset):
+        if isinstance(wrapped, AugmentedSplit) and wrapped.augmentations:
+            return None  # its items change every epoch
+        wrapped = wrapped.split
+    if isinstance(split, IterableDataset) or decodes_media(split) \
+            or not all(getattr(e, "deterministic_preprocess", True) for e in encoders.values()):
+        return None
+    encoded_split = EncodedDataset(split, encoders)
+    items = [encoded_split[i] for i in range(len(split))]
+    if any("skip" in it for it in items):
+        return None
+    return PreparedSplit(items, encoders, collate_targets)

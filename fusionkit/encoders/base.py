@@ -69,6 +69,9 @@ class Encoder(nn.Module):
     Config = EncoderConfig
     kinds: tuple[str, ...] = ()  # modality kinds this encoder accepts
     out_dim: int
+    # False when preprocess draws random augmentations: then a split held in memory is
+    # preprocessed anew for every batch instead of once per run (fusionkit.data.loader.PreparedSplit)
+    deterministic_preprocess: bool = True
 
     def __init__(self, config: BaseModel | None = None, *, spec: ModalitySpec):
         super().__init__()

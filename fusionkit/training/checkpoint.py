@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,29 +169,70 @@ def _pause(stage: str, name: str, epoch: Any) -> None:
         time.sleep(float(seconds))
 
 
+@dataclass
+class CheckpointState:
+    """What a checkpoint holds, copied off the model (to the CPU) so it can be written later,
+    while training goes on (:class:`CheckpointWriter`)."""
+
+    meta: str  # meta.json's text (serialised at snapshot time: later changes to the dicts do not reach it)
+    epoch: Any
+    weights: dict[str, torch.Tensor] | None  # None: hard-linked from another checkpoint of the same weights
+    optimizer: dict[str, torch.Tensor] | None = None
+
+
+def snapshot(model: nn.Module, metadata: dict[str, Any], optimizer: torch.optim.Optimizer | None = None, *,
+             with_weights: bool = True) -> CheckpointState:
+    """Copy ``model``'s weights (unless ``with_weights`` is False), ``optimizer``'s state and the
+    metadata now; :func:`write_checkpoint` writes them."""
+    meta = dict(metadata)
+    if hasattr(model, "rebuilt_encoders"):  # left out of the weights: say which weights they must be
+        meta["rebuilt_encoders"] = {m: model.weights_digest(m) for m in model.rebuilt_encoders()}
+    tensors = None
+    if optimizer is not None:
+        tensors, meta["optimizer"] = optimizer_tensors(optimizer)
+    return CheckpointState(dumps(meta, indent=2, default=str), metadata.get("epoch"),
+                           _cpu_state(model) if with_weights else None, tensors)
+
+
 def save_checkpoint(directory: Path, name: str, model: nn.Module, metadata: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write checkpoint ``directory/name/`` as one unit (see the module docstring).
+                    optimizer: torch.optim.Optimizer | None = None, weights_from: Path | None = None) -> Path:
+    """Write checkpoint ``directory/name/`` of ``model`` as it is now, as one unit (see the module
+    docstring); :func:`write_checkpoint` has the arguments. Returns the path of its ``model.safetensors``."""
+    state = snapshot(model, metadata, optimizer, with_weights=weights_from is None)
+    return write_checkpoint(directory, name, state, weights_from)
+
+
+def write_checkpoint(directory: Path, name: str, state: CheckpointState, weights_from: Path | None = None) -> Path:
+    """Write checkpoint ``directory/name/`` from ``state`` as one unit (see the module docstring).
+
+    Args:
+        weights_from: the ``model.safetensors`` of another checkpoint with exactly these weights
+            (``best`` of the same epoch) when ``state`` holds none: hard-linked instead of written
+            again (copied where links are not possible). Checkpoint files are never changed in place.
 
     Returns the path of its ``model.safetensors``.
     """
+    if state.weights is None and weights_from is None:
+        raise ValueError("write_checkpoint: the state holds no weights; pass weights_from")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final, old = directory / name, directory / f".{name}.old"
     tmp = directory / f".{name}.tmp-{secrets.token_hex(4)}"
-    epoch = metadata.get("epoch")
+    epoch = state.epoch
     header = {"format": "pt", **({"epoch": str(epoch)} if epoch is not None else {})}
     os.mkdir(tmp)  # with the umask, like every other folder of the run
     try:
-        save_file(_cpu_state(model), str(tmp / WEIGHTS), metadata=header)
-        meta = dict(metadata)
-        if hasattr(model, "rebuilt_encoders"):  # left out above: say which weights they must be
-            meta["rebuilt_encoders"] = {m: model.weights_digest(m) for m in model.rebuilt_encoders()}
-        if optimizer is not None:
+        if state.weights is None:
+            try:
+                os.link(weights_from, tmp / WEIGHTS)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(weights_from, tmp / WEIGHTS)
+        else:
+            save_file(state.weights, str(tmp / WEIGHTS), metadata=header)
+        if state.optimizer is not None:
             _pause("weights written, optimizer next", name, epoch)
-            tensors, meta["optimizer"] = optimizer_tensors(optimizer)
-            save_file(tensors, str(tmp / OPTIMIZER), metadata=header)
-        (tmp / META).write_text(dumps(meta, indent=2, default=str))
+            save_file(state.optimizer, str(tmp / OPTIMIZER), metadata=header)
+        (tmp / META).write_text(state.meta)
         for part in tmp.iterdir():
             _file_mode(part)
             _fsync(part)
@@ -208,6 +250,51 @@ def save_checkpoint(directory: Path, name: str, model: nn.Module, metadata: dict
     _pause("new checkpoint in place", name, epoch)
     shutil.rmtree(old, ignore_errors=True)
     return final / WEIGHTS
+
+
+class CheckpointWriter:
+    """Writes each epoch's checkpoints (and its metrics row) in a background thread while the
+    next epoch trains: the file writes and fsyncs leave the training loop.
+
+    One job at a time, in order: :meth:`submit` first waits for the previous job. :meth:`wait`
+    waits for the current one and raises its error, if any; call it before reading checkpoints
+    and before leaving (a ``finally``), so a stopped run's last epoch is complete on disk.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="fusionkit-checkpoint", daemon=False)
+        self._thread.start()
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as err:  # raised in the training thread by wait()
+            self._error = err
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if error is None:
+            self.wait()
+        else:  # the loop's own error comes first; the files are complete all the same
+            try:
+                self.wait()
+            except BaseException:
+                pass
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 # -- finding and reading checkpoints ---------------------------------------------------------------
