@@ -9,6 +9,7 @@ medians. Target (issue 12): at most 1.05.
 
     .venv/bin/python bench/train_step.py
     .venv/bin/python bench/train_step.py --set model.fusion.scorers=[confidence,alignment]   # no MC dropout
+    .venv/bin/python bench/train_step.py --compile      # both fusion layers through torch.compile (inductor)
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from fusionkit.training.trainer import load_data, make_loader, make_optimizer, s
 from trainer_overhead import REPO
 
 
-def build(fusion: str, overrides: list[str]):
+def build(fusion: str, overrides: list[str], compile_fusion: bool = False):
     raw = read_yaml(REPO / "configs/presets/digits-views.yaml")
     for item in ["runtime.accelerator=cpu", "runtime.threads=1", f"model.fusion={{name: {fusion}}}", *overrides]:
         apply_override(raw, item)
     cfg = resolve(raw)
     bundle = load_data(cfg)
     model = seed_and_build(cfg, bundle).train()
+    if compile_fusion:  # as runtime.compile does it
+        model.fusion.compile(backend="inductor", dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     return cfg, model, params, make_optimizer(cfg, params), list(make_loader(model, bundle.splits["train"], cfg, True))
 
@@ -52,10 +55,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=18, help="steps per block (one epoch of digits is 19)")
     ap.add_argument("--blocks", type=int, default=15)
+    ap.add_argument("--compile", action="store_true", help="torch.compile both fusion layers (runtime.compile)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for the DMS model")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    arms = {"mean": build("mean", []), "dms": build("dms", args.set)}
+    arms = {"mean": build("mean", [], args.compile), "dms": build("dms", args.set, args.compile)}
     times: dict[str, list[float]] = {name: [] for name in arms}
     for b in range(args.blocks + 1):
         for name in (("mean", "dms") if b % 2 == 0 else ("dms", "mean")):
@@ -67,7 +71,7 @@ def main() -> None:
         print(f"  {name:4s}: {1e3 * min(t):6.2f} ms/step best, {1e3 * statistics.median(t):6.2f} median")
     print(f"six views train step dms / mean: {min(times['dms']) / min(times['mean']):.3f} (min) / "
           f"{statistics.median(times['dms']) / statistics.median(times['mean']):.3f} (median); target <= 1.05"
-          + (f"; dms with {' '.join(args.set)}" if args.set else ""))
+          + (f"; dms with {' '.join(args.set)}" if args.set else "") + ("; compiled" if args.compile else ""))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,16 @@ def expected_calibration_error(probs: Tensor, target: Tensor, bins: int = 15) ->
     from fusionkit.tasks.targets import probe_correct
 
     conf, pred = probs.max(1)
+    if not len(conf):
+        return 0.0
     correct = probe_correct(pred, target).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (conf > lo) & (conf <= hi)
-        if sel.any():
-            ece += sel.float().mean() * (correct[sel].mean() - conf[sel].mean()).abs()
-    return float(ece)
+    edges = torch.linspace(0, 1, bins + 1, dtype=conf.dtype)
+    # bin b holds edges[b] < conf <= edges[b + 1]; conf = 0 falls in no bin
+    which = torch.bucketize(conf, edges) - 1  # (N,), -1 for conf = 0
+    inside = which >= 0
+    which, conf, correct = which[inside], conf[inside], correct[inside]
+    gap = torch.zeros(bins, dtype=conf.dtype).index_add_(0, which, correct - conf)  # per bin: sum(right - conf)
+    return float(gap.abs().sum() / len(inside))  # sum_b n_b / n * |acc_b - conf_b|
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ def test_eval_batch_size_does_not_change_the_numbers(tmp_path):
     odd = train(_cfg("model.fusion={name: dms}", "train.eval_batch_size=7"), prepare_run_dir(tmp_path / "b", False),
                 show_progress=False)
     assert odd.test["accuracy"] == default.test["accuracy"]
-    assert odd.test["nll"] == pytest.approx(default.test["nll"], abs=1e-6)
+    assert odd.test["nll"] == pytest.approx(default.test["nll"], abs=1e-5)  # float rounding only
     for m, w in default.test["mean_weights"].items():
         assert odd.test["mean_weights"][m] == pytest.approx(w, abs=1e-5)  # float rounding only
 
