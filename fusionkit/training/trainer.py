@@ -395,6 +395,10 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
         best_epoch, best_val, saved_epoch = state["best"]["epoch"], state["best"]["val"], resumed["epoch"]
         seen_skipped = {(split, ident): reason for split, ident, reason in state["skipped"]}
         set_rng_state(state["rng"], shuffling)  # last: nothing may draw between here and the next epoch
+        # under DDP, Fabric sets the DistributedSampler's epoch from how often the loader was
+        # iterated in this process: continue its count, so epoch e shuffles as in the uninterrupted run
+        if hasattr(train_loader, "_num_iter_calls"):
+            train_loader._num_iter_calls = saved_epoch
         if rank0:
             metrics_until(run_dir, saved_epoch, state["record"])
             console.print(f"[bold]resuming[/] after epoch {saved_epoch} of {cfg.train.epochs}", highlight=False)
