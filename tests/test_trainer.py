@@ -86,3 +86,16 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert len(lines) == 1  # written by rank 0 only
     results = json.loads((out / "results.json").read_text())
     assert results["test"]["n"] >= 400  # both ranks' shards gathered
+
+
+def test_a_last_training_batch_of_one_sample_is_left_out_when_the_model_has_batchnorm(tmp_path):
+    # the digits train split has 1,200 samples: batch 1,199 leaves one, which BatchNorm (the
+    # ResNet's last stage works on 1x1 maps at 16 px) cannot normalise in training mode
+    cfg = resolve(load_raw(None, ["modalities=[image]", *TINY, "train.batch_size=1199",
+                                  "model.encoders.image={name: timm, model_name: test_resnet, image_size: 16}"]))
+    train(cfg, prepare_run_dir(tmp_path / "bn", False), show_progress=False)
+    row = json.loads((tmp_path / "bn" / "metrics.jsonl").read_text())
+    assert row["train_samples"] == 1199
+    # without BatchNorm the sample of the last batch is trained on
+    train(_cfg("train.batch_size=1199"), prepare_run_dir(tmp_path / "mlp", False), show_progress=False)
+    assert json.loads((tmp_path / "mlp" / "metrics.jsonl").read_text())["train_samples"] == 1200

@@ -403,6 +403,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
             metrics_until(run_dir, saved_epoch, state["record"])
             console.print(f"[bold]resuming[/] after epoch {saved_epoch} of {cfg.train.epochs}", highlight=False)
     stop_after = int(os.environ.get("FUSIONKIT_STOP_AFTER_EPOCH", 0))
+    batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
     check_grads = cfg.runtime.precision != "16-mixed"  # fp16 loss scaling skips steps with inf gradients itself
     # bars on a terminal; elsewhere (a log file, a batch job) one plain line per epoch instead
     bars = show_progress and rank0 and console.is_terminal
@@ -425,6 +426,8 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 t0 = time.perf_counter()
                 batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
                 for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
+                    if batchnorm and batch["mask"].shape[0] == 1:
+                        continue  # BatchNorm cannot normalise one sample: a last batch of one is left out
                     batch = strategies.transform_batch(batch)
                     out = fmodel(batch)
                     terms = strategies.loss_terms(out, batch, model.loss_terms(out, batch))
