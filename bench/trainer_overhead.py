@@ -23,6 +23,7 @@ and of the medians. Target (issue 12): at least 0.95.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -109,11 +110,14 @@ def hand_loop(cfg, bundle, out: Path) -> tuple[float, float]:
 
 
 def fusionkit_loop(cfg, bundle, out: Path) -> tuple[float, float]:
-    """``fusionkit train`` as the CLI runs it (model built by the same seeded call): ``(seconds, test accuracy)``."""
+    """``fusionkit train`` as the CLI runs it (model built by the same seeded call) into a new run
+    folder ``out``: ``(seconds, test accuracy)``. The folder is deleted afterwards, untimed."""
     t0 = time.perf_counter()
     model = seed_and_build(cfg, bundle)
-    result = train(cfg, prepare_run_dir(out, overwrite=True), bundle=bundle, model=model)
-    return time.perf_counter() - t0, result.test["accuracy"]
+    result = train(cfg, prepare_run_dir(out, overwrite=False), bundle=bundle, model=model)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return seconds, result.test["accuracy"]
 
 
 def main() -> None:
