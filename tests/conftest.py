@@ -12,6 +12,20 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# feature caches the tests fill stay out of the user's ~/.cache: one folder per test session,
+# deleted when the session ends (pytest_sessionfinish)
+_OWN_FEATURE_CACHE = None
+if "FUSIONKIT_FEATURE_CACHE" not in os.environ:
+    import tempfile
+
+    _OWN_FEATURE_CACHE = os.environ["FUSIONKIT_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="fusionkit-test-features-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_FEATURE_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_FEATURE_CACHE, ignore_errors=True)
 
 from fusionkit.encoders.base import ModalitySpec  # noqa: E402  (after the offline switches)
 

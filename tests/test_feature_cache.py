@@ -169,3 +169,13 @@ def test_cached_training_gives_the_same_model_and_hits_on_the_second_run(tmp_pat
     assert "fou" not in first.cache["by_modality"]  # trainable encoders are never cached
     assert first.test["accuracy"] == pytest.approx(plain.test["accuracy"], abs=0.005)
     assert second.test == first.test
+
+
+def test_default_feature_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from fusionkit.data.cache import default_root
+
+    monkeypatch.setenv("FUSIONKIT_FEATURE_CACHE", str(tmp_path / "features-here"))
+    assert default_root() == tmp_path / "features-here"
+    monkeypatch.delenv("FUSIONKIT_FEATURE_CACHE")
+    monkeypatch.setenv("FUSIONKIT_CACHE", str(tmp_path / "all"))
+    assert default_root() == tmp_path / "all" / "features"

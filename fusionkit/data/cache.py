@@ -42,6 +42,10 @@ from fusionkit.encoders.base import Encoder, EncoderOutput, weights_digest
 
 
 def default_root() -> Path:
+    """Where features are cached without ``train.cache_dir``: ``$FUSIONKIT_FEATURE_CACHE``, else
+    ``${FUSIONKIT_CACHE:-~/.cache/fusionkit}/features``."""
+    if os.environ.get("FUSIONKIT_FEATURE_CACHE"):
+        return Path(os.environ["FUSIONKIT_FEATURE_CACHE"])
     return Path(os.environ.get("FUSIONKIT_CACHE", Path.home() / ".cache" / "fusionkit")) / "features"
 
 
