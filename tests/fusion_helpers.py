@@ -1,5 +1,5 @@
 """Shared helpers of the fusion tests that need fixed heads and every presence pattern
-(tests/test_qadm_micinet.py, test_qadm.py, test_micinet.py)."""
+(tests/test_fusion_zoo.py, test_qadm_micinet.py, test_qadm.py, test_micinet.py)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusion_helpers import B, D, K, MASK, NAMES
+from fusion_helpers import fix_heads as _fixed_heads
+from fusion_helpers import make_fusion as _fusion
+from fusion_helpers import make_inputs as _inputs
 from fusionkit.errors import ConfigError, DataError
-from fusionkit.fusions.base import Fusion
 from fusionkit.fusions.mean import MeanFusion
 from fusionkit.fusions.modality_dropout import ModalityDropoutFusion, drop_modalities
 from fusionkit.fusions.qmf import QMFFusion, ranking_loss
@@ -17,29 +20,6 @@ from fusionkit.fusions.tmc import TMCFusion, combine_opinions, dirichlet_opinion
 from fusionkit.registry import build
 
 ZOO = ["late", "attention", "gated", "modality_dropout", "tmc", "qmf"]
-NAMES = ["a", "b", "c"]
-B, D, K = 5, 8, 4
-# every pattern of presence over three modalities, including single-modality rows
-MASK = torch.tensor([[True, True, True], [True, False, False], [False, True, False],
-                     [False, False, True], [False, True, True]])
-
-
-def _fusion(name: str, names: list[str] = NAMES, **params) -> Fusion:
-    torch.manual_seed(0)
-    return build("fusions", {"name": name, **params}, modalities=names, dim=D, num_classes=K)
-
-
-def _inputs(names: list[str] = NAMES, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {m: torch.randn(B, D, generator=g, requires_grad=True) for m in names}
-
-
-def _fixed_heads(fusion: Fusion, logits: list[list[float]]) -> None:
-    """Make head m output ``logits[m]`` whatever z is (W = 0, bias = logits)."""
-    with torch.no_grad():
-        for p in fusion.heads.parameters():
-            p.zero_()
-        fusion.heads.b2.copy_(torch.tensor(logits))
 
 
 # -- shared invariants --------------------------------------------------------------------
