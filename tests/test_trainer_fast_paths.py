@@ -146,3 +146,14 @@ def test_adamw_is_fused_on_cpu_and_plain_for_sharded_strategies():
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert make_optimizer(_cfg(), params).defaults["fused"] is True
     assert not make_optimizer(_cfg("runtime.strategy=fsdp"), params).defaults["fused"]
+
+
+def test_cli_training_off_a_terminal_prints_a_line_per_epoch_unless_told_not_to(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("train", "--modalities", "fou,zer", "--out", str(tmp_path / "a"), *TINY, "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split(":")[0] for line in proc.stderr.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 1/2", "epoch 2/2"]
+    quiet = run_cli("train", "--modalities", "fou,zer", "--out", str(tmp_path / "b"), "--no-progress", *TINY)
+    assert quiet.returncode == 0 and not any(line.startswith("epoch ") for line in quiet.stderr.splitlines())

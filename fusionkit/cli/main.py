@@ -143,7 +143,7 @@ def train(config_path, data_path, on_bad_sample, modalities, fusion, epochs, see
             if not worker:
                 err_console.print(Text.assemble(("run folder ", "bold"), str(run_dir)), highlight=False, soft_wrap=True)
             result = run_train(cfg, run_dir, console=err_console,
-                               show_progress=not no_progress and err_console.is_terminal,
+                               show_progress=not no_progress,  # a bar on a terminal, else a line per epoch
                                bundle=bundle, model=model, resume=bool(resume), lock=lock)
     except KeyboardInterrupt:
         if not worker:
