@@ -228,6 +228,28 @@ def test_compiled_layer_gives_the_eager_numbers(train):
     assert (out_c.weights[~MASK] == 0).all() and not out_c.weights.isnan().any()
 
 
+def test_compiled_layer_with_a_symbolic_batch_size_gives_the_eager_numbers():
+    # dynamic=True (or torch.compile's automatic recompile once the batch size changes) makes B
+    # symbolic; the MC-dropout masks' random draw failed to trace then (found on a GPU run)
+    eager = _fusion(CONFIGS["default"]).train()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager", dynamic=True)
+    for rows in (B, B - 5):
+        outs = []
+        for f, module in ((eager, eager), (compiled, compiled_module)):
+            z = {m: v[:rows].detach().requires_grad_() for m, v in _inputs(1, nan_missing=True).items()}
+            torch.manual_seed(7)
+            out = f(z, MASK[:rows])
+            (out.fused.square().mean() + module.loss(out, torch.arange(rows) % K)).backward()
+            outs.append((out, z))
+        (out_e, z_e), (out_c, z_c) = outs
+        assert out_c.fused.shape == (rows, D)
+        _close(out_c.fused, out_e.fused, f"fused at B={rows}")
+        _close(out_c.scores["uncertainty"], out_e.scores["uncertainty"], f"uncertainty at B={rows}")
+        for m in NAMES:
+            _close(z_c[m].grad, z_e[m].grad, f"grad z[{m}] at B={rows}")
+
+
 def test_compiled_layer_still_rejects_a_sample_without_modalities():
     f = torch.compile(_fusion(CONFIGS["default"]).eval(), fullgraph=True, backend="aot_eager")
     mask = MASK.clone()

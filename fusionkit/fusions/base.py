@@ -185,10 +185,15 @@ EVAL_MASK_PASSES = 256  # the most MC-dropout passes eval mode supports
 
 def random_bytes(shape: torch.Size | tuple[int, ...], device: torch.device,
                  generator: torch.Generator | None = None) -> Tensor:
-    """Uniform random uint8 tensor of ``shape``, drawn 8 bytes per 64-bit sample (4x cheaper)."""
+    """Uniform random uint8 tensor of ``shape``, drawn 8 bytes per 64-bit sample (4x cheaper).
+
+    ``generator`` is passed on only when given: ``randint``'s overload with a generator takes no
+    symbolic sizes, so under ``torch.compile`` with a symbolic batch size (``dynamic=True``, or
+    the automatic recompile after the batch size changed) it would fail to trace.
+    """
     n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device,
-                          generator=generator)
+    extra = {} if generator is None else {"generator": generator}
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device, **extra)
     raw = words.view(torch.uint8)  # (8 * ceil(n / 8),)
     return (raw if n % 8 == 0 else raw[:n]).view(shape)
 

@@ -228,8 +228,8 @@ def compile_fusion(model: MultimodalModel, cfg: RunConfig) -> None:
     if getattr(model.decoder, "retrieval", False):
         raise ConfigError("runtime.compile: the retrieval decoder maps the probes anew every batch, which "
                           "would recompile every batch; leave runtime.compile off for retrieval")
-    # static shapes: the MC-dropout masks are drawn with the batch size in their shape, which a
-    # symbolic size cannot give; the last, smaller batch compiles once more
+    # static shapes (each batch size its own specialised graph, and CUDA graphs possible): the
+    # last, smaller batch compiles once more
     model.fusion.compile(backend=cfg.runtime.compile_backend, dynamic=False)
 
 
