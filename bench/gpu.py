@@ -13,9 +13,6 @@ what ``runtime.precision=bf16-mixed`` does; ``fp32`` is plain float32 (TF32 matm
   forward+backward at B = 4096, M = 8 (``torch.cuda.max_memory_allocated``);
 - step: the whole six-view training step (``bench/train_step.py``: forward, loss terms, backward,
   clipping, fused AdamW) at batch 64 and 1024;
-- sync: the trainer's per-step bookkeeping (``fusionkit.training.monitor``) on the six-view
-  step: the loss and gradient norm read on the host every step (what the CPU loop does) against
-  kept on the device and read once per block (what the loop does off the CPU);
 - lm: the captioning model of ``bench/lm_tasks.py`` on digits (a ResNet-18 on the picture plus
   two UCI feature views, LLaVA-style prefix) in front of a frozen, random-init LM with
   SmolLM2-135M's shape (30 layers, width 576, 9 heads / 3 KV heads, 49,152-token vocabulary):
@@ -23,7 +20,7 @@ what ``runtime.precision=bf16-mixed`` does; ``fp32`` is plain float32 (TF32 matm
   samples/s (``max_new_tokens`` greedy tokens), DMS against mean. The weights are random because
   throughput does not depend on them and nothing can be downloaded on the device machine.
 
-    python bench/gpu.py [--parts memory,step,lm,layer,sync] [--device cuda] [--quick]
+    python bench/gpu.py [--parts layer,memory,step,lm] [--device cuda] [--quick]
 
 ``--quick`` shrinks every size and repeat (a smoke test on the CPU: ``--device cpu --quick``).
 Results also go to ``--json`` when given.
@@ -49,7 +46,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from dms_layer import make_layers, step as layer_step  # noqa: E402
 
 from fusionkit.config import apply_override, read_yaml, resolve  # noqa: E402
-from fusionkit.training.monitor import StepMonitor  # noqa: E402
 from fusionkit.training.trainer import load_data, make_loader, make_optimizer, seed_and_build  # noqa: E402
 
 RESULTS: dict[str, dict] = {}
@@ -198,49 +194,20 @@ def build_arm(config: str, overrides: list[str], device: torch.device):
     return cfg, model, params, make_optimizer(cfg, params), batches
 
 
-def train_steps(arm, steps: int, device: torch.device, dtype: str, monitor: str | None = None) -> float:
-    """Seconds per step. ``monitor``: None (no bookkeeping), "eager" (the trainer's CPU
-    bookkeeping: the loss and gradient norm read every step) or "lazy" (its accelerator one)."""
+def train_steps(arm, steps: int, device: torch.device, dtype: str) -> float:
     cfg, model, params, optimizer, batches = arm
-    watch = None if monitor is None else StepMonitor(lazy=monitor == "lazy")
     with Timer(device) as t:
         for i in range(steps):
             torch.compiler.cudagraph_mark_step_begin()
             batch = batches[i % len(batches)]
             with autocast(device, dtype):
                 out = model(batch)
-                terms = model.loss_terms(out, batch)
-                loss = sum(terms.values())
-            if watch is not None and watch.step(terms, loss):
-                raise SystemExit("non-finite loss")
+                loss = sum(model.loss_terms(out, batch).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            if watch is not None and watch.grad_norm(norm):
-                raise SystemExit("non-finite gradient norm")
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             optimizer.step()
-        if watch is not None and (watch.failure() or not watch.means()):
-            raise SystemExit("non-finite loss")
     return t.seconds / steps
-
-
-def part_sync(args, device: torch.device) -> None:
-    """The trainer's per-step bookkeeping: read every step (eager, as on the CPU) against read once
-    per block (lazy, what the trainer does off the CPU), on the same model."""
-    for dtype in ("fp32", "bf16"):
-        for name in ("mean", "dms"):
-            arm = build_arm("configs/presets/digits-views.yaml", ["train.batch_size=64", "train.cache_features=false",
-                                                                  f"model.fusion={{name: {name}}}"], device)
-            times = interleave({"eager": "eager", "lazy": "lazy"},
-                               lambda mode, dtype=dtype: train_steps(arm, args.steps, device, dtype, mode), args.blocks)
-            lo = {k: min(v) for k, v in times.items()}
-            med = {k: statistics.median(v) for k, v in times.items()}
-            key = f"sync six views {name} batch 64 {dtype}"
-            print(f"{key:36s} time lazy/eager {lo['lazy'] / lo['eager']:.3f} (min) / "
-                  f"{med['lazy'] / med['eager']:.3f} (median)   [eager {1e3 * lo['eager']:.3f} ms, "
-                  f"lazy {1e3 * lo['lazy']:.3f} ms]", flush=True)
-            RESULTS[key] = {"lazy_over_eager_min": lo["lazy"] / lo["eager"],
-                            "lazy_over_eager_median": med["lazy"] / med["eager"], "min_s": lo, "median_s": med}
 
 
 def part_step(args, device: torch.device) -> None:
@@ -315,7 +282,7 @@ def part_lm(args, device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="memory,step,lm,layer,sync")
+    ap.add_argument("--parts", default="memory,step,lm,layer")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
@@ -330,7 +297,7 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     else:
         torch.set_num_threads(1)
-    parts = {"layer": part_layer, "memory": part_memory, "step": part_step, "lm": part_lm, "sync": part_sync}
+    parts = {"layer": part_layer, "memory": part_memory, "step": part_step, "lm": part_lm}
     failed = []
     for name in args.parts.split(","):
         t0 = time.perf_counter()

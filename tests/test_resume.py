@@ -14,7 +14,6 @@ from fusionkit.config import load_raw, resolve
 from fusionkit.errors import ConfigError
 from fusionkit.model import MultimodalModel
 from fusionkit.training.checkpoint import find_checkpoint, read_meta
-from fusionkit.training.monitor import StepMonitor
 from fusionkit.training.trainer import prepare_run_dir, train
 from test_checkpoints import cli
 
@@ -106,13 +105,7 @@ def test_an_existing_stopped_run_says_it_can_be_resumed(tmp_path, capsys, monkey
 
 
 # -- 6. non-finite losses --------------------------------------------------------------------------
-@pytest.mark.parametrize("lazy", [False, True], ids=["per-step-checks", "lazy-checks"])
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, lazy):
-    # lazy-checks: the accelerator bookkeeping (read once per epoch) forced on the CPU; the run
-    # stops at the epoch's end instead of at the step, with the same message and files
-    import fusionkit.training.trainer as trainer
-
-    monkeypatch.setattr(trainer, "StepMonitor", lambda lazy_checks: StepMonitor(lazy=lazy))
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = MultimodalModel.loss_terms
 

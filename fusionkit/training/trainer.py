@@ -45,7 +45,6 @@ from fusionkit.training.checkpoint import (
     write_checkpoint,
 )
 from fusionkit.training.loggers import RunLoggers
-from fusionkit.training.monitor import StepMonitor
 from fusionkit.training.resume import metrics_until, rng_state, set_rng_state
 from fusionkit.training.run_folder import RunLock, next_free_dir, prepare_run_dir, recover_run_dir  # noqa: F401
 
@@ -406,8 +405,6 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
     stop_after = int(os.environ.get("FUSIONKIT_STOP_AFTER_EPOCH", 0))
     batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
     check_grads = cfg.runtime.precision != "16-mixed"  # fp16 loss scaling skips steps with inf gradients itself
-    # off the CPU, reading the loss every step would make the host wait for the device each step
-    lazy_checks = fabric.device.type != "cpu"
     # bars on a terminal; elsewhere (a log file, a batch job) one plain line per epoch instead
     bars = show_progress and rank0 and console.is_terminal
     lines = show_progress and rank0 and not console.is_terminal
@@ -424,8 +421,8 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 if isinstance(train_split, AugmentedSplit):
                     train_split.set_epoch(epoch)
                 fmodel.train()
-                monitor = StepMonitor(lazy_checks)
-                samples = 0
+                sums: dict[str, float] = {}
+                steps = samples = 0
                 t0 = time.perf_counter()
                 batch_task = progress.add_task(f"epoch {epoch}", total=len(train_loader), info="")
                 for batch in track_skipped(train_loader, "train", seen_skipped):  # drops all-skipped batches
@@ -435,30 +432,29 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                     out = fmodel(batch)
                     terms = strategies.loss_terms(out, batch, model.loss_terms(out, batch))
                     loss = sum(terms.values())
-                    failed = monitor.step(terms, loss)
-                    if failed:
-                        raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}, {failed}")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}, step {steps + 1}: the loss is {value}")
                     optimizer.zero_grad(set_to_none=True)
                     fabric.backward(loss)
                     strategies.after_backward()  # masks or rescales gradients, before clipping
                     if cfg.train.grad_clip:
                         norm = fabric.clip_gradients(fmodel, optimizer, max_norm=cfg.train.grad_clip,
                                                      error_if_nonfinite=False)
-                        failed = monitor.grad_norm(norm) if check_grads and norm is not None else None
-                        if failed:
-                            raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}, {failed}")
+                        if check_grads and norm is not None and not torch.isfinite(norm):
+                            raise _diverged(cfg, ckpt_dir, saved_epoch,
+                                            f"epoch {epoch}, step {steps + 1}: the gradient norm is {float(norm)}")
                     optimizer.step()
                     scheduler.step()
                     strategies.after_step()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums["loss"] = sums.get("loss", 0.0) + value
+                    steps += 1
                     samples += int(batch["mask"].shape[0])
                     if bars:
-                        running = monitor.running_loss()
-                        progress.update(batch_task, advance=1, info="" if running is None else f"loss {running:.3f}")
+                        progress.update(batch_task, advance=1, info=f"loss {sums['loss'] / steps:.3f}")
                 progress.remove_task(batch_task)
-                failed = monitor.failure()  # lazy checks: one read of the device per epoch
-                if failed:
-                    raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}, {failed}")
-                means = monitor.means()
                 # the last step can break them unseen; one reduction (max |w| is NaN or inf exactly then)
                 if not torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf)):
                     raise _diverged(cfg, ckpt_dir, saved_epoch, f"epoch {epoch}: the weights became NaN or infinite")
@@ -466,7 +462,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 # train.val_every: validate every N epochs and after the last one
                 validate = epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
                 val = evaluate(fmodel, track_skipped(val_loader, "val", seen_skipped), fabric) if validate else None
-                record = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()},
+                record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
                           "lr": scheduler.get_last_lr()[0], **({"val": val} if validate else {}),
                           "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "train_samples": samples}
                 strategies.on_epoch_end(epoch, record)
