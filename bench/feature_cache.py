@@ -5,7 +5,9 @@ EfficientNet-Lite0 at 64 px and the frozen MiniLM, 3 epochs), each as its own ``
 subprocess, with a fresh cache folder (``FUSIONKIT_CACHE``): one cached run fills the cache
 (cold), then the no-cache and the warm cached runs alternate ``--repeats`` times, so drift in the
 machine's load hits both alike. Printed last: no-cache seconds / warm seconds, of the minima and
-of the medians, and whether every run reached the same test accuracy.
+of the medians, whether every run reached the same test accuracy, and the process floor: a fresh
+Python importing torch, ``torch._dynamo`` (every optimizer's first ``zero_grad``/``step`` imports
+it), Lightning Fabric and fusionkit's CLI, which bounds how fast any warm run can be.
 
     .venv/bin/python bench/feature_cache.py [--repeats 3] [--threads 1] [--epochs 3]
 """
@@ -25,6 +27,9 @@ from pathlib import Path
 ENCODER = ["model.encoders.image.model_name=efficientnet_lite0", "model.encoders.image.pretrained=bundled",
            "model.encoders.image.trainable=false", "model.encoders.image.image_size=64",
            "model.encoders.image.in_chans=3"]
+
+
+FLOOR = "import torch, torch._dynamo, lightning_fabric, fusionkit.cli.main"
 
 
 def run(out: Path, cache: bool, env: dict[str, str], epochs: int, threads: int) -> tuple[float, float]:
@@ -61,8 +66,17 @@ def main() -> None:
                 times[kind].append(seconds)
                 accuracies.add(acc)
                 print(f"repeat {i + 1} {kind:8s} {seconds:6.2f} s  test accuracy {acc:.4f}", flush=True)
+        # the floor of any such run: a fresh process importing what every training run imports,
+        # torch._dynamo included (torch.optim's zero_grad/step import it on first call)
+        floor = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", FLOOR], env=env, check=True)
+            floor.append(time.perf_counter() - t0)
     for kind, values in times.items():
         print(f"{kind:8s} min {min(values):6.2f} s  median {statistics.median(values):6.2f} s")
+    print(f"process floor (python + imports: {FLOOR}) min {min(floor):.2f} s; nocache / floor "
+          f"{min(times['nocache']) / min(floor):.1f}x is the most any warm run could reach")
     print(f"same test accuracy in every run: {len(accuracies) == 1} ({sorted(accuracies)})")
     print(f"ratio nocache/warm: min {min(times['nocache']) / min(times['warm']):.2f}x  "
           f"median {statistics.median(times['nocache']) / statistics.median(times['warm']):.2f}x")
