@@ -81,7 +81,8 @@ SETTINGS = {
     },
 }
 METHODS = ["dms-paper", "dms", "dms+augment", "mean", "mean+augment", "late", "qmf", "tmc"]
-EXTRA_METHODS = ["qadm", "micinet", "mean+aim", "mean+modalimmune"]  # issue 13: --methods picks them
+EXTRA_METHODS = ["qadm", "micinet", "mean+aim", "mean+modalimmune",  # issue 13: --methods picks them
+                 "dms+typicality"]  # DMS plus examples/typicality_scorer.py
 STRATEGIES = ("aim", "modalimmune")
 
 
@@ -95,9 +96,16 @@ def method_overrides(method: str, setting: dict) -> tuple[dict, list[str]]:
     strategies = [x for x in suffixes if x in STRATEGIES]
     if strategies:
         extra.append(f"train.strategies=[{', '.join(strategies)}]")
-    unknown = [x for x in suffixes if x != "augment" and x not in STRATEGIES]
+    if "typicality" in suffixes:  # the example scorer plugin (examples/typicality_scorer.py) added to DMS
+        if name != "dms":
+            raise SystemExit(f"method {method!r}: +typicality adds a scorer to the default DMS; use dms+typicality")
+        extra += [f"plugins=[{REPO / 'examples' / 'typicality_scorer.py'}]",
+                  "model.fusion.scorers=[confidence, mc_dropout, agreement, typicality]",
+                  "model.fusion.scheduler.coefficients={typicality: 1.0}"]
+    unknown = [x for x in suffixes if x not in ("augment", "typicality") and x not in STRATEGIES]
     if unknown:
-        raise SystemExit(f"method {method!r}: unknown suffix {unknown[0]!r}; use +augment, +aim or +modalimmune")
+        raise SystemExit(f"method {method!r}: unknown suffix {unknown[0]!r}; use +augment, +aim, +modalimmune "
+                         f"or +typicality")
     return raw, extra
 
 
