@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fusionkit import build
-from fusionkit.registry import load_plugin
+from fusionkit.fusions.base import UnimodalHeads
+from fusionkit.registry import load_plugin, registry
+from fusionkit.scorers.base import ScoreContext
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "typicality_scorer.py"
 NAMES = ["audio", "image", "text"]
@@ -25,7 +27,17 @@ def fusion_factory():
         return build("fusions", {"name": "dms", "scorers": ["confidence", "mc_dropout", "agreement", "typicality"],
                                  "scheduler": {"coefficients": {"typicality": 1.0}}},
                      modalities=NAMES, dim=D, num_classes=K)
-    return make
+    yield make
+    registry("scorers")._entries.pop("typicality")  # an example, not a built-in: leave the registry as found
+
+
+def test_it_passes_the_registry_wide_scorer_checks(fusion_factory):
+    # what tests/test_registry.py asks of every built-in scorer (it collects before this loads)
+    scorer = build("scorers", {"name": "typicality"})
+    heads = UnimodalHeads(len(NAMES), D, 8, K, 0.2)
+    z = torch.randn(4, len(NAMES), D)
+    signal = scorer(ScoreContext(z=z, mask=torch.ones(4, len(NAMES), dtype=torch.bool), logits=heads(z), heads=heads))
+    assert scorer.signal == "typicality" and signal.shape == (4, len(NAMES)) and torch.isfinite(signal).all()
 
 
 def _batch(seed: int, scale_audio: float = 1.0) -> dict[str, torch.Tensor]:
