@@ -16,6 +16,7 @@ from conftest import TINY
 from fusionkit.config import load_raw, resolve
 from fusionkit.data.loader import Collate, EncodedDataset, PreparedSplit, prepare
 from fusionkit.datasets.base import MultimodalSplit
+from fusionkit.errors import DataError
 from fusionkit.training import trainer as trainer_module
 from fusionkit.training.augment import AugmentedSplit, resolve_augment
 from fusionkit.training.checkpoint import CheckpointWriter
@@ -60,6 +61,32 @@ def test_prepared_batches_equal_collated_ones_with_gaps_and_text():
     for indices in ([0, 1, 2, 3, 4, 5], [7, 3, 12, 0], [n - 1], [0, 3, 6]):  # the last: no sample has fou
         _same_batch(prepared.__getitems__(indices), collate([items[i] for i in indices]))
     assert prepared.__getitems__([0, 3, 6])["inputs"]["fou"] is None
+
+
+def test_vector_columns_are_prepared_at_once_with_the_same_batches():
+    # feature vectors held in memory go through preprocess_column: one call per modality and split
+    cfg = _cfg()
+    bundle = load_data(cfg)
+    model = seed_and_build(cfg, bundle)
+    split = bundle.splits["val"]
+    n = len(split)
+    columns = {"fou": [None if i % 3 == 0 else v for i, v in enumerate(split.columns["fou"])],
+               "zer": [None if i % 4 == 1 else v for i, v in enumerate(split.columns["zer"])]}
+    gappy = MultimodalSplit(columns, split.targets, split.ids)
+    calls = []
+    for enc in model.encoders.values():
+        original = enc.preprocess
+        enc.preprocess = lambda raw, original=original: calls.append(1) or original(raw)
+    prepared = prepare(gappy, model.encoders, model.task.collate_targets)
+    assert isinstance(prepared, PreparedSplit) and not calls  # no per-sample preprocess call
+    assert set(prepared.stacked) == {"fou", "zer"} and prepared.complete == set()
+    collate, items = Collate(model.encoders, model.task.collate_targets), EncodedDataset(gappy, model.encoders)
+    for indices in ([0, 1, 2, 3, 4, 5], [7, 3, 12, 0], [n - 1], [0, 3, 6]):
+        _same_batch(prepared.__getitems__(indices), collate([items[i] for i in indices]))
+    # a vector of the wrong length: the per-sample path runs and names the sample
+    columns["zer"][7] = columns["zer"][7][:-1]
+    with pytest.raises(DataError, match=rf"sample {split.ids[7]}, modality 'zer': vector has shape \(46,\)"):
+        prepare(MultimodalSplit(columns, split.targets, split.ids), model.encoders)
 
 
 def test_prepared_split_is_refused_where_items_change_or_media_decode():
@@ -157,3 +184,26 @@ def test_cli_training_off_a_terminal_prints_a_line_per_epoch_unless_told_not_to(
         ["epoch 1/2", "epoch 2/2"]
     quiet = run_cli("train", "--modalities", "fou,zer", "--out", str(tmp_path / "b"), "--no-progress", *TINY)
     assert quiet.returncode == 0 and not any(line.startswith("epoch ") for line in quiet.stderr.splitlines())
+
+
+@pytest.mark.parametrize("overrides, reads_back", [
+    (["train.epochs=1"], False),  # the last epoch is the best: tested on the weights in memory
+    # the weights cannot move, so epoch 2 does not improve on epoch 1: best is read back from disk
+    (["train.epochs=2", "train.lr=1e-30", "model.fusion={name: mean}"], True),
+], ids=["best-in-memory", "best-read-back"])
+def test_the_test_split_is_evaluated_on_the_best_checkpoint(tmp_path, monkeypatch, overrides, reads_back):
+    from fusionkit.evaluation import evaluate
+    from fusionkit.training.trainer import load_run, make_loader
+
+    reads = []
+    load = trainer_module.load_weights
+    monkeypatch.setattr(trainer_module, "load_weights", lambda *a, **k: reads.append(1) or load(*a, **k))
+    cfg = _cfg(*overrides, "train.calibrate=true")
+    result = train(cfg, prepare_run_dir(tmp_path / "r", False), show_progress=False)
+    assert result.best_epoch == 1 and bool(reads) == reads_back
+    # what `fusionkit eval` reads from the run folder gives the same test numbers and temperatures
+    _, bundle, model = load_run(tmp_path / "r")
+    assert evaluate(model, make_loader(model, bundle.splits["test"], cfg, shuffle=False)) == result.test
+    meta = json.loads((tmp_path / "r" / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["calibration"] == result.calibration and meta["epoch"] == 1
+    assert meta["modalities"] == ["fou", "zer"] and "rebuilt_encoders" in meta

@@ -183,27 +183,36 @@ class PreparedSplit(Dataset):
     is skipped, every encoder's ``preprocess`` is deterministic).
     """
 
-    def __init__(self, items: list[dict[str, Any]], encoders: dict[str, Encoder], collate_targets=None):
+    def __init__(self, columns: dict[str, list[Any]], targets: list[Any], index: Tensor,
+                 encoders: dict[str, Encoder], collate_targets=None, stacked: dict[str, Tensor] | None = None):
+        """``columns``: per modality, each sample's preprocessed value (None: absent);
+        ``targets`` and ``index`` ``(N,)``: each sample's; ``stacked``: modalities whose present
+        values are already stacked in order, ``(n_m, ...)`` (their column then only says which
+        samples have them)."""
+        stacked = stacked or {}
         self.encoders = encoders
         self.modalities = sorted(encoders)
         self.collate_targets = collate_targets
-        n = len(items)
-        self.mask = torch.tensor([[it["inputs"][m] is not None for m in self.modalities] for it in items],
-                                 dtype=torch.bool).reshape(n, len(self.modalities))  # (N, M)
-        self.targets = [it["target"] for it in items]
-        self.index = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (N,)
+        n = len(targets)
+        self.mask = torch.tensor([[v is not None for v in columns[m]] for m in self.modalities],
+                                 dtype=torch.bool).T.reshape(n, len(self.modalities))  # (N, M)
+        self.targets = list(targets)
+        self.index = index  # (N,)
         self.stacked: dict[str, tuple[Tensor, Tensor]] = {}  # m -> (row of each sample in values, -1 if absent; values)
         self.values: dict[str, list[Any]] = {}  # m -> per-sample preprocessed value (None if absent)
         for j, m in enumerate(self.modalities):
-            column = [it["inputs"][m] for it in items]
-            present = [v for v in column if v is not None]
-            if _stacks(encoders[m]) and present and all(isinstance(v, Tensor) for v in present) \
-                    and len({tuple(v.shape) for v in present}) == 1:
-                position = torch.full((n,), -1, dtype=torch.long)
-                position[self.mask[:, j]] = torch.arange(len(present))
-                self.stacked[m] = (position, torch.stack(present))  # (N,), (n_m, ...)
-            else:
-                self.values[m] = column
+            values = stacked.get(m)
+            if values is None:
+                present = [v for v in columns[m] if v is not None]
+                if _stacks(encoders[m]) and present and all(isinstance(v, Tensor) for v in present) \
+                        and len({tuple(v.shape) for v in present}) == 1:
+                    values = torch.stack(present)
+            if values is None:
+                self.values[m] = columns[m]
+                continue
+            position = torch.full((n,), -1, dtype=torch.long)
+            position[self.mask[:, j]] = torch.arange(len(values))
+            self.stacked[m] = (position, values)  # (N,), (n_m, ...)
         self.complete = {m for j, m in enumerate(self.modalities) if m in self.stacked and bool(self.mask[:, j].all())}
 
     def __len__(self) -> int:
@@ -256,8 +265,32 @@ def prepare(split: Dataset, encoders: dict[str, Encoder], collate_targets=None) 
     if isinstance(split, IterableDataset) or decodes_media(split) \
             or not all(getattr(e, "deterministic_preprocess", True) for e in encoders.values()):
         return None
+    by_column = _prepare_columns(split, encoders, collate_targets)
+    if by_column is not None:
+        return by_column
     encoded_split = EncodedDataset(split, encoders)
     items = [encoded_split[i] for i in range(len(split))]
     if any("skip" in it for it in items):
         return None
-    return PreparedSplit(items, encoders, collate_targets)
+    columns = {m: [it["inputs"][m] for it in items] for m in encoders}
+    return PreparedSplit(columns, [it["target"] for it in items],
+                         torch.tensor([it["index"] for it in items], dtype=torch.long), encoders, collate_targets)
+
+
+def _prepare_columns(split: Dataset, encoders: dict[str, Encoder], collate_targets=None) -> PreparedSplit | None:
+    """:func:`prepare` one column at a time: a plain in-memory split (:class:`MultimodalSplit`)
+    whose every encoder preprocesses a whole column at once (``Encoder.preprocess_column``) and
+    collates by stacking. The same :class:`PreparedSplit` as the per-sample path; None where this
+    does not apply (that path then runs, and raises any preprocessing error by sample)."""
+    from fusionkit.datasets.base import MultimodalSplit
+
+    if type(split) is not MultimodalSplit or set(split.columns) != set(encoders):
+        return None
+    stacked = {}
+    for m, column in split.columns.items():
+        raws = [v for v in column if v is not None]
+        stacked[m] = encoders[m].preprocess_column(raws) if raws and _stacks(encoders[m]) else None
+        if stacked[m] is None:
+            return None
+    # a MultimodalSplit's item i has index i
+    return PreparedSplit(split.columns, split.targets, torch.arange(len(split)), encoders, collate_targets, stacked)

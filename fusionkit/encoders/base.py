@@ -101,6 +101,16 @@ class Encoder(nn.Module):
         """Preprocessed samples -> one batch input for :meth:`forward`."""
         return torch.stack(items)
 
+    def preprocess_column(self, raws: list[Any]) -> Tensor | None:
+        """Many raw samples at once -> ``torch.stack([preprocess(r) for r in raws])``, or None.
+
+        An optional fast path for splits held in memory (one call per modality and split instead
+        of one per sample). It must give exactly the per-sample values; return None whenever it
+        cannot (the default, and for any input the per-sample path would reject: that path then
+        raises the error that names the sample).
+        """
+        return None
+
     def forward(self, x: Any) -> Tensor:
         raise NotImplementedError
 

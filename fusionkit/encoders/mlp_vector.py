@@ -56,6 +56,13 @@ class MLPVectorEncoder(Encoder):
             raise DataError(f"vector has shape {tuple(x.shape)}, expected ({self.in_dim},)")
         return x
 
+    def preprocess_column(self, raws: list[Any]) -> Tensor | None:
+        try:
+            x = torch.as_tensor(np.asarray(raws, dtype=np.float32))  # (N, in_dim)
+        except (TypeError, ValueError):  # ragged or not numbers: per sample, which names the bad one
+            return None
+        return x if x.shape == (len(raws), self.in_dim) else None
+
     def trainable_blocks(self):
         return [m for m in self.net if isinstance(m, nn.Linear)]
 

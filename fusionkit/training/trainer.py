@@ -22,7 +22,7 @@ from fusionkit.data.cached_encoders import CachedEncoder, EncoderBuilder
 from fusionkit.data.loader import Collate, as_batch, decodes_media, encoded, prepare
 from fusionkit.datasets.base import DatasetBundle
 from fusionkit.errors import ConfigError, RunDirError
-from fusionkit.evaluation import collect, evaluate
+from fusionkit.evaluation import collect, evaluate, forward_call
 from fusionkit.model import MultimodalModel, build_model
 from fusionkit.registry import build, registry
 from fusionkit.strategies.runner import start_strategies
@@ -289,6 +289,16 @@ def _write_epoch(ckpt_dir: Path, best: CheckpointState | None, last: CheckpointS
     loggers.log_epoch(epoch, row)
 
 
+def _calibrate_and_test(cfg: RunConfig, fmodel, model: MultimodalModel, val_loader, test_loader,
+                        seen_skipped: dict[tuple[str, Any], str], fabric) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The model holds the best weights: ``(calibration report or None, test evaluation)``;
+    ``train.calibrate`` fits the heads' temperatures on the validation split first."""
+    calibration = None
+    if cfg.train.calibrate:
+        calibration = calibrate(fmodel, model, track_skipped(val_loader, "val", seen_skipped), fabric)
+    return calibration, evaluate(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric)
+
+
 def _diverged(cfg: RunConfig, ckpt_dir: Path, saved_epoch: int, what: str) -> ConfigError:
     kept = f"the checkpoints of epoch {saved_epoch} in {ckpt_dir} are kept" if saved_epoch \
         else "no epoch finished, so nothing was saved"
@@ -385,6 +395,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
     strategies = start_strategies(cfg, model, optimizer, fabric, resumed)  # train.strategies (hooks below)
 
     best: tuple[float, float] | None = None
+    best_state_meta: dict[str, Any] | None = None  # meta of the best epoch trained in this process
     seen_skipped: dict[tuple[str, Any], str] = {}  # (split, id) -> reason: samples that failed to decode
     best_epoch, best_val, saved_epoch = 0, {}, 0
     if resumed is not None:
@@ -413,6 +424,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                         disable=not bars)
     # rank 0 logs (metrics.jsonl always, plus train.loggers); a run that fails marks its loggers failed
     blocks = cfg.train.loggers if rank0 else None
+    forward = forward_call(fmodel)  # fmodel(batch) without Fabric's per-output backward hooks
     with RunLoggers(blocks, run_dir, cfg.model_dump(mode="json"), resumed_at=saved_epoch) as loggers:
         writer = CheckpointWriter()
         with progress, writer:
@@ -429,7 +441,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                     if batchnorm and batch["mask"].shape[0] == 1:
                         continue  # BatchNorm cannot normalise one sample: a last batch of one is left out
                     batch = strategies.transform_batch(batch)
-                    out = fmodel(batch)
+                    out = forward(batch)
                     terms = strategies.loss_terms(out, batch, model.loss_terms(out, batch))
                     loss = sum(terms.values())
                     value = float(loss.detach())
@@ -473,9 +485,11 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                     improved = best is None or key > best
                     if improved:
                         best, best_epoch, best_val = key, epoch, val
+                meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes,
+                        "task": model.task.state()}
+                if improved:
+                    best_state_meta = meta
                 if rank0:  # checkpoints first, then the metrics row: a resume can always rebuild the row
-                    meta = {"epoch": epoch, "val": val, "modalities": model.modalities, "classes": bundle.classes,
-                            "task": model.task.state()}
                     best_state = snapshot(model, meta) if improved else None
                     resume_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(shuffling), "record": record,
                                     "best": {"key": list(best) if best is not None else None, "epoch": best_epoch,
@@ -497,17 +511,26 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
                 if epoch == stop_after:
                     raise KeyboardInterrupt(f"stopped after epoch {epoch} (FUSIONKIT_STOP_AFTER_EPOCH)")
 
+            # When the last epoch trained here was the best, the model holds best's weights already:
+            # calibration and the test split run on them while the writer still writes that
+            # epoch's files, and nothing is read back. (A strategy's on_train_end may change the
+            # model; with strategies the weights are always read back, as they were saved.)
+            in_memory = best_state_meta is not None and best_epoch == saved_epoch and not cfg.train.strategies
+            if in_memory:
+                strategies.on_train_end()
+                best_meta = best_state_meta
+                calibration, test = _calibrate_and_test(cfg, fmodel, model, val_loader, test_loader,
+                                                        seen_skipped, fabric)
+
         fabric.barrier()  # rank 0's writer finished with the block above: every rank may read the checkpoints
-        strategies.on_train_end()
-        best_ckpt = find_checkpoint(ckpt_dir, "best")
-        best_meta = load_weights(model, best_ckpt.weights)
-        calibration = None
-        if cfg.train.calibrate:
-            calibration = calibrate(fmodel, model, track_skipped(val_loader, "val", seen_skipped), fabric)
+        if not in_memory:
+            strategies.on_train_end()
+            best_meta = load_weights(model, find_checkpoint(ckpt_dir, "best").weights)
+            calibration, test = _calibrate_and_test(cfg, fmodel, model, val_loader, test_loader, seen_skipped, fabric)
+        if calibration is not None:
             if rank0:  # the best checkpoint now carries the temperatures
                 save_checkpoint(ckpt_dir, "best", model, {**best_meta, "calibration": calibration})
             fabric.barrier()
-        test = evaluate(fmodel, track_skipped(test_loader, "test", seen_skipped), fabric)
         skipped = skipped_rows(bundle, seen_skipped)
         result = TrainResult(run_dir, best_epoch, best_val, test, skipped, calibration=calibration)
         if cache_stats is not None:
