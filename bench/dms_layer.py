@@ -15,6 +15,7 @@ dms / mean ratios.
 
     .venv/bin/python bench/dms_layer.py                 # eager, threads = 1
     .venv/bin/python bench/dms_layer.py --compile       # both layers through torch.compile
+    .venv/bin/python bench/dms_layer.py --shared-masks  # MC-dropout masks shared by the batch
     .venv/bin/python bench/dms_layer.py --memory        # time, then memory at B=4096, M=8
 """
 
@@ -34,7 +35,8 @@ from torch import Tensor, nn
 from fusionkit import build
 
 
-def make_layers(batch: int, modalities: int, dim: int, classes: int, passes: int, seed: int = 0):
+def make_layers(batch: int, modalities: int, dim: int, classes: int, passes: int, seed: int = 0,
+                per_sample_masks: bool = True):
     """``({"mean": layer, "dms": layer}, z, mask, target)``, both layers in train mode."""
     torch.manual_seed(seed)
     names = [f"m{i}" for i in range(modalities)]
@@ -43,7 +45,8 @@ def make_layers(batch: int, modalities: int, dim: int, classes: int, passes: int
     mask[:, 0] = True  # no sample without a modality
     target = torch.randint(0, classes, (batch,))  # (B,)
     common = dict(modalities=names, dim=dim, num_classes=classes)
-    scorers = ["confidence", {"name": "mc_dropout", "passes": passes}, "alignment"]
+    scorers = ["confidence", {"name": "mc_dropout", "passes": passes, "per_sample_masks": per_sample_masks},
+               "alignment"]
     layers = {"mean": build("fusions", "mean", **common).train(),
               "dms": build("fusions", {"name": "dms", "scorers": scorers}, **common).train()}
     return layers, z, mask, target
@@ -70,7 +73,8 @@ def time_block(fusion, z, mask, target, runs: int) -> list[tuple[float, float]]:
 
 
 def bench_time(args) -> None:
-    layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes)
+    layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes,
+                                          per_sample_masks=not args.shared_masks)
     calls = dict(layers)
     if args.compile:
         calls = {k: torch.compile(v, backend=args.backend) for k, v in layers.items()}
@@ -81,7 +85,8 @@ def bench_time(args) -> None:
     for block in range(args.blocks):
         for name in order if block % 2 == 0 else order[::-1]:  # alternate which runs first
             results[name] += time_block(calls[name], z, mask, target, args.runs)
-    mode = f"compile({args.backend})" if args.compile else "eager"
+    mode = (f"compile({args.backend})" if args.compile else "eager") \
+        + (", MC masks shared by the batch" if args.shared_masks else "")
     print(f"B={args.batch} M={args.modalities} d={args.dim} K={args.classes} T={args.passes} {mode} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} runs={len(results['dms'])} per layer")
     # wall time is what a user waits; the thread's CPU time leaves out the time the OS ran other
@@ -157,6 +162,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="time torch.compile'd layers")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile")
+    ap.add_argument("--shared-masks", action="store_true",
+                    help="MC-dropout masks shared by the batch in training (mc_dropout.per_sample_masks: false)")
     ap.add_argument("--memory", action="store_true", help="also measure memory at --mem-batch, --mem-modalities")
     ap.add_argument("--mem-batch", type=int, default=4096)
     ap.add_argument("--mem-modalities", type=int, default=8)

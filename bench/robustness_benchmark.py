@@ -82,7 +82,8 @@ SETTINGS = {
 }
 METHODS = ["dms-paper", "dms", "dms+augment", "mean", "mean+augment", "late", "qmf", "tmc"]
 EXTRA_METHODS = ["qadm", "micinet", "mean+aim", "mean+modalimmune",  # issue 13: --methods picks them
-                 "dms+typicality"]  # DMS plus examples/typicality_scorer.py
+                 "dms+typicality",  # DMS plus examples/typicality_scorer.py
+                 "dms+shared_masks"]  # MC-dropout masks shared by the batch in training
 STRATEGIES = ("aim", "modalimmune")
 
 
@@ -102,10 +103,15 @@ def method_overrides(method: str, setting: dict) -> tuple[dict, list[str]]:
         extra += [f"plugins=[{REPO / 'examples' / 'typicality_scorer.py'}]",
                   "model.fusion.scorers=[confidence, mc_dropout, agreement, typicality]",
                   "model.fusion.scheduler.coefficients={typicality: 1.0}"]
-    unknown = [x for x in suffixes if x not in ("augment", "typicality") and x not in STRATEGIES]
+    if "shared_masks" in suffixes:  # MC dropout with T masks per step shared by the batch in training
+        if name != "dms" or "typicality" in suffixes:
+            raise SystemExit(f"method {method!r}: +shared_masks changes the default DMS's mc_dropout; "
+                             f"use dms+shared_masks")
+        extra.append("model.fusion.scorers=[confidence, {name: mc_dropout, per_sample_masks: false}, agreement]")
+    unknown = [x for x in suffixes if x not in ("augment", "typicality", "shared_masks") and x not in STRATEGIES]
     if unknown:
-        raise SystemExit(f"method {method!r}: unknown suffix {unknown[0]!r}; use +augment, +aim, +modalimmune "
-                         f"or +typicality")
+        raise SystemExit(f"method {method!r}: unknown suffix {unknown[0]!r}; use +augment, +aim, +modalimmune, "
+                         f"+typicality or +shared_masks")
     return raw, extra
 
 

@@ -37,14 +37,20 @@ def heads_calibrate(heads, logits: Tensor) -> Tensor:
     return logits / heads.temperature.to(logits.dtype).unsqueeze(-1)
 
 
-def heads_sample(heads, z: Tensor, passes: int, dropout: float | None = None, hidden: Tensor | None = None) -> Tensor:
+def heads_sample(heads, z: Tensor, passes: int, dropout: float | None = None, hidden: Tensor | None = None,
+                 per_sample: bool = True) -> Tensor:
     p = heads.dropout if dropout is None else dropout
     a = heads_hidden(heads, z) if hidden is None else hidden
     a = a.unsqueeze(0).expand(passes, *a.shape)  # (T, B, M, h)
     drop = round(p * 256)
     if not drop:
         return heads_calibrate(heads, heads_output(heads, a)).softmax(-1)
-    if heads.training:
+    if heads.training and not per_sample:
+        # added after b80adc4 with the option of shared training masks (mc_dropout.per_sample_masks: false):
+        # T masks drawn in (T, M, h) order, the same for every sample of the batch
+        T, B, M, H = a.shape
+        keep = (random_bytes((T, M, H), a.device) >= drop).unsqueeze(1)
+    elif heads.training:
         keep = random_bytes(a.shape, a.device) >= drop
     else:  # eval: T masks shared by every sample, from a fixed seed (not the global RNG)
         T, B, M, H = a.shape
@@ -129,7 +135,8 @@ def score(scorer, z: Tensor, mask: Tensor, logits: Tensor, heads, hidden: Tensor
     if scorer.signal == "confidence":
         return normalized_confidence(logits.float().softmax(-1))
     if scorer.signal == "uncertainty":
-        probs = heads_sample(heads, z, scorer.config.passes, scorer.config.dropout, hidden)
+        probs = heads_sample(heads, z, scorer.config.passes, scorer.config.dropout, hidden,
+                             per_sample=scorer.config.per_sample_masks)
         return mc_variance(probs.float())
     if scorer.signal == "alignment":
         return alignment(z.float(), mask)

@@ -53,6 +53,10 @@ CONFIGS = {
     "not_detached_mlp": {"scheduler": {"name": "mlp"}, "detach_scores": False,
                          "scorers": ["confidence", "mc_dropout", "alignment", "agreement"]},
     "no_dropout": {"head_dropout": 0.0, "scorers": ["confidence", "mc_dropout", "alignment"]},
+    "shared_masks": {"scorers": ["confidence", {"name": "mc_dropout", "per_sample_masks": False}, "agreement"]},
+    "shared_masks_not_detached": {**PAPER, "detach_scores": False,
+                                  "scorers": ["confidence", {"name": "mc_dropout", "per_sample_masks": False},
+                                              "alignment"]},
 }
 # every presence pattern over three modalities, including rows with one modality
 PATTERNS = [[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]]
@@ -163,21 +167,39 @@ def test_same_results_for_retrieval_probes_and_soft_targets():
     assert out.unimodal_logits.shape == (B, len(NAMES), 7)
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared_masks", "per_sample_masks"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dropout", [None, 0.5, 0.001])
-def test_heads_sample_matches_the_reference_with_the_same_masks(dropout):
+def test_heads_sample_matches_the_reference_with_the_same_masks(dropout, train, per_sample):
     torch.manual_seed(0)
-    heads = UnimodalHeads(3, D, 16, K, 0.2)
+    heads = UnimodalHeads(3, D, 16, K, 0.2).train(train)
     with torch.no_grad():
         heads.w2.mul_(6.0)
         heads.temperature.copy_(torch.tensor([1.0, 2.0, 0.5]))
     z = torch.randn(B, 3, D)
     torch.manual_seed(7)
-    probs = heads.sample(z, passes=9, dropout=dropout)
+    probs = heads.sample(z, passes=9, dropout=dropout, per_sample=per_sample)
     torch.manual_seed(7)
-    expected = ref.heads_sample(heads, z, 9, dropout)
+    expected = ref.heads_sample(heads, z, 9, dropout, per_sample=per_sample)
     assert probs.shape == (9, B, 3, K)
     _close(probs, expected, "probabilities (T, B, M, K)")
     _close(mc_variance(probs), ref.mc_variance(expected), "uncertainty")
+
+
+def test_training_masks_are_per_sample_unless_shared():
+    # two copies of one sample in a batch: per-sample masks (the default) give each copy its own
+    # passes; shared masks give them the same T passes (and so the same uncertainty)
+    heads = UnimodalHeads(3, D, 16, K, 0.2).train()
+    z = torch.randn(1, 3, D).expand(4, 3, D)
+    per_sample = heads.sample(z, passes=8)  # (T, B, M, K)
+    shared = heads.sample(z, passes=8, per_sample=False)
+    assert not torch.allclose(per_sample[:, 0], per_sample[:, 3])
+    assert torch.equal(shared[:, 0], shared[:, 3])
+    assert not torch.allclose(shared[0], shared[1])  # the passes still differ from each other
+    torch.manual_seed(3)
+    a = heads.sample(z, passes=8, per_sample=False)
+    torch.manual_seed(3)
+    assert torch.equal(a, heads.sample(z, passes=8, per_sample=False))  # drawn from the global RNG
 
 
 def test_lone_or_missing_modality_gradients_are_finite_without_detach():

@@ -130,46 +130,71 @@ class UnimodalHeads(nn.Module):
         a = F.dropout(self.hidden(z), self.dropout, self.training)
         return self.output(a)
 
-    def sample(self, z: Tensor, passes: int, dropout: float | None = None, hidden: Tensor | None = None) -> Tensor:
+    def sample(self, z: Tensor, passes: int, dropout: float | None = None, hidden: Tensor | None = None,
+               per_sample: bool = True) -> Tensor:
         """T stochastic passes with dropout always on: probabilities ``(T, B, M, K)``.
 
-        Training draws new masks per sample from the global RNG. Eval mode uses the first T of a
-        fixed bank of masks (``eval_mask_bytes``, drawn once from ``EVAL_MASK_SEED``), shared by
-        every sample: a fixed ensemble of T dropped-out heads, so a sample's uncertainty, and so
-        its DMS weights, never depend on which samples share its batch, and eval draws nothing
-        from the global RNG.
+        Masks. Training with ``per_sample`` (the default) draws a new mask per sample and pass
+        from the global RNG (T x B x M x h random bytes per call). Otherwise each pass t drops the
+        same hidden units of head m for every sample of the batch (T masks per head): in training
+        T fresh masks per call from the global RNG; in eval mode (always) the first T of a fixed
+        bank (``eval_mask_bytes``, drawn once from ``EVAL_MASK_SEED``), so that a sample's
+        uncertainty, and so its DMS weights, never depend on which samples share its batch, and
+        eval draws nothing from the global RNG. Each sample's estimate is the variance of its own
+        T passes either way.
+
+        Shared masks fold into the output weights: pass t of head m is ``a_m @ (keep_tm * W2_m)``,
+        so all T passes of head m are one matmul ``(T*K, h) @ (h, B)`` and no ``(T, B, M, h)``
+        tensor of masked activations (nor its random bytes) is made.
 
         ``hidden`` (``(B, M, h)``) is the deterministic part if the caller already computed it.
         The dropout masks come from random bytes (rate rounded to a multiple of 1/256): on the
-        CPU that is several times cheaper than drawing a float per element, and RNG dominates
-        the cost of the T passes.
+        CPU that is several times cheaper than drawing a float per element.
 
-        Layout: all T*B rows of head m go through one matmul, computed transposed as
-        ``(M, K, T*B)``, so the softmax over K runs across contiguous rows (a softmax over a last
-        dim of K = 10 costs as much as the matmul on the CPU). The result is a ``(T, B, M, K)``
-        view of that tensor, not a contiguous one. The masks are drawn by one call in
-        ``(T, B, M, h)`` order whatever the layout, so a seed always gives the same masks.
+        Layout: the result is a ``(T, B, M, K)`` view of an ``(M, T, K, B)`` tensor (per sample:
+        of ``(M, K, T, B)``), so that the softmax over K runs across contiguous rows (a softmax
+        over a last dim of K = 10 costs as much as the matmul on the CPU).
         """
         p = self.dropout if dropout is None else dropout
         a = self.hidden(z) if hidden is None else hidden  # (B, M, h), shared by all passes
         B, M, H = a.shape
         drop = round(p * 256)
-        if drop and not self.training:
-            # eval: the same T masks for every sample (a fixed bank), so a sample's result never
-            # depends on the samples batched with it
-            if passes > self.eval_mask_bytes.shape[0]:
-                raise ConfigError(f"mc_dropout: at most {EVAL_MASK_PASSES} passes (got {passes})")
-            keep = torch.ge(self.eval_mask_bytes[:passes], drop).to(a.dtype).unsqueeze(1)  # (T, 1, M, h)
-            x = keep * a  # (T, B, M, h)
-        elif drop:
-            # keep iff byte >= drop, written as 0/1 in a's dtype so that the multiply vectorises
-            keep = torch.empty((passes, B, M, H), dtype=a.dtype, device=a.device)  # (T, B, M, h)
-            torch.ge(random_bytes(keep.shape, a.device), drop, out=keep)
-            x = keep * a if torch.is_grad_enabled() and a.requires_grad else keep.mul_(a)  # (T, B, M, h)
+        if drop and per_sample and self.training:
+            return self._sample_per_sample(a, passes, drop)
+        K = self.w2.shape[-1]
+        w2t = self.w2.transpose(1, 2)  # (M, K, h)
+        if drop:
+            if not self.training:  # the same T masks for every sample and every call: a fixed bank
+                if passes > self.eval_mask_bytes.shape[0]:
+                    raise ConfigError(f"mc_dropout: at most {EVAL_MASK_PASSES} passes (got {passes})")
+                raw = self.eval_mask_bytes[:passes]  # (T, M, h)
+            else:  # T fresh masks, shared by the batch's samples
+                raw = random_bytes((passes, M, H), a.device)  # (T, M, h)
+            # keep iff byte >= drop, times the inverted-dropout scale: 0 or 256 / (256 - drop)
+            keep = torch.ge(raw, drop).to(w2t.dtype).mul_(256.0 / (256 - drop)).transpose(0, 1)  # (M, T, h)
+            weights = keep.unsqueeze(2) * w2t.unsqueeze(1)  # (M, T, K, h): head m in pass t
         else:
-            x = a.unsqueeze(0).expand(passes, B, M, H)  # (T, B, M, h)
-        scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul (1 without dropout)
-        x = x.reshape(passes * B, M, H).transpose(0, 1)  # (M, T*B, h), a view when dropout is on
+            weights = w2t.unsqueeze(1).expand(M, passes, K, H)  # (M, T, K, h): every pass alike
+        bias = self.b2.view(M, 1, K, 1).expand(M, passes, K, 1)  # (M, T, K, 1)
+        # (M, T*K, h) @ (M, h, B) + b2: every pass of every sample, one matmul per head
+        logits = torch.baddbmm(bias.reshape(M, passes * K, 1), weights.reshape(M, passes * K, H),
+                               a.permute(1, 2, 0)).view(M, passes, K, B)  # (M, T, K, B)
+        if self.transform is not None:
+            return self.calibrate(self.transform(logits.permute(1, 3, 0, 2))).softmax(-1)  # (T, B, M, N)
+        probs = logits.div_(self.temperature.to(logits.dtype).view(M, 1, 1, 1)).softmax(2)  # calibrated, over K
+        return probs.permute(1, 3, 0, 2)  # (T, B, M, K) view
+
+    def _sample_per_sample(self, a: Tensor, passes: int, drop: int) -> Tensor:
+        """Training passes with a new mask per sample and pass (``sample``'s default):
+        ``a (B, M, h)`` -> probabilities ``(T, B, M, K)``, a view of an ``(M, K, T, B)`` tensor.
+        The masks are drawn by one call in ``(T, B, M, h)`` order."""
+        B, M, H = a.shape
+        # keep iff byte >= drop, written as 0/1 in a's dtype so that the multiply vectorises
+        keep = torch.empty((passes, B, M, H), dtype=a.dtype, device=a.device)  # (T, B, M, h)
+        torch.ge(random_bytes(keep.shape, a.device), drop, out=keep)
+        x = keep * a if torch.is_grad_enabled() and a.requires_grad else keep.mul_(a)  # (T, B, M, h)
+        scale = 256.0 / (256 - drop)  # inverted dropout, folded into the matmul
+        x = x.reshape(passes * B, M, H).transpose(0, 1)  # (M, T*B, h), a view
         # (M, K, h) @ (M, h, T*B) + b2: every pass of every sample, one matmul per head
         logits = torch.baddbmm(self.b2.unsqueeze(-1), self.w2.transpose(1, 2), x.transpose(1, 2), alpha=scale)
         if self.transform is not None:
