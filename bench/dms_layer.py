@@ -17,12 +17,14 @@ dms / mean ratios.
     .venv/bin/python bench/dms_layer.py --compile       # both layers through torch.compile
     .venv/bin/python bench/dms_layer.py --shared-masks  # MC-dropout masks shared by the batch
     .venv/bin/python bench/dms_layer.py --memory        # time, then memory at B=4096, M=8
+    .venv/bin/python bench/dms_layer.py --ablate        # each scorer's share: added one at a time
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -52,6 +54,21 @@ def make_layers(batch: int, modalities: int, dim: int, classes: int, passes: int
     return layers, z, mask, target
 
 
+def ablation_layers(args) -> tuple[dict[str, nn.Module], dict[str, Tensor], Tensor, Tensor]:
+    """``mean``, then DMS with no scorer and the benchmark's scorers added one at a time (the last
+    is the benchmark's ``dms``), each built from the same seed, with the same inputs."""
+    layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes,
+                                          per_sample_masks=not args.shared_masks)
+    common = dict(modalities=sorted(z), dim=args.dim, num_classes=args.classes)
+    variants = {"mean": layers["mean"]}
+    for label, scorers in (("dms, no scorer", []), ("+ confidence", ["confidence"]),
+                           ("+ alignment", ["confidence", "alignment"])):
+        torch.manual_seed(0)
+        variants[label] = build("fusions", {"name": "dms", "scorers": scorers}, **common).train()
+    variants["+ mc_dropout"] = layers["dms"]  # confidence, mc_dropout, alignment: the full layer
+    return variants, z, mask, target
+
+
 def step(fusion: nn.Module, z: dict[str, Tensor], mask: Tensor, target: Tensor) -> None:
     """One forward+backward: a task-like loss on the fused vector plus the fusion's own terms."""
     for v in z.values():
@@ -72,19 +89,58 @@ def time_block(fusion, z, mask, target, runs: int) -> list[tuple[float, float]]:
     return times
 
 
+def interleave(calls: dict[str, nn.Module], z, mask, target, blocks: int, runs: int) -> dict[str, list[tuple[float, float]]]:
+    """``{name: [(wall, thread CPU), ...]}``: ``blocks`` blocks of ``runs`` steps per layer, the
+    layers taking turns (and alternating which goes first), so drift in machine load hits all alike."""
+    for call in calls.values():  # warm up (and compile)
+        time_block(call, z, mask, target, 5)
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
+    order = list(calls)
+    for block in range(blocks):
+        for name in order if block % 2 == 0 else order[::-1]:
+            results[name] += time_block(calls[name], z, mask, target, runs)
+    return results
+
+
+def bench_ablate(args) -> None:
+    """Where the DMS layer's time goes: the marginal cost of each scorer, measured in the layer."""
+    variants, z, mask, target = ablation_layers(args)
+    results = interleave(variants, z, mask, target, args.blocks, args.runs)
+    masks = "shared by the batch" if args.shared_masks else "per sample"
+    print(f"B={args.batch} M={args.modalities} d={args.dim} K={args.classes} T={args.passes} eager, MC masks "
+          f"{masks}, threads={torch.get_num_threads()}, thread CPU time of {len(results['mean'])} runs per layer")
+    print(f"{'layer':>15} {'min ms':>7} {'median':>7} {'ratio to mean (min / median)':>29} "
+          f"{'added by this step (min / median)':>34}")
+    lo = {k: min(t[1] for t in v) * 1e3 for k, v in results.items()}
+    med = {k: statistics.median(t[1] for t in v) * 1e3 for k, v in results.items()}
+    previous = None
+    for name in variants:
+        added = "" if previous is None else f"{lo[name] - lo[previous]:+.3f} / {med[name] - med[previous]:+.3f} ms"
+        print(f"{name:>15} {lo[name]:7.3f} {med[name]:7.3f} {lo[name] / lo['mean']:>14.2f} / "
+              f"{med[name] / med['mean']:.2f} {added:>34}")
+        previous = name
+    # the per-sample masks' random bytes alone: the part of mc_dropout no rewrite with the same
+    # masks can remove (one draw of T x B x M x h bytes from the global generator)
+    if not args.shared_masks:
+        from fusionkit.fusions.base import random_bytes
+        head = variants["+ mc_dropout"].heads
+        shape = (args.passes, args.batch, args.modalities, head.w1.shape[-1])
+        draws = []
+        for _ in range(args.blocks * args.runs):
+            c0 = time.thread_time()
+            random_bytes(shape, z[next(iter(z))].device)
+            draws.append(time.thread_time() - c0)
+        print(f"of mc_dropout: its {math.prod(shape):,} random mask bytes alone take {min(draws) * 1e3:.3f} / "
+              f"{statistics.median(draws) * 1e3:.3f} ms")
+
+
 def bench_time(args) -> None:
     layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes,
                                           per_sample_masks=not args.shared_masks)
     calls = dict(layers)
     if args.compile:
         calls = {k: torch.compile(v, backend=args.backend) for k, v in layers.items()}
-    for call in calls.values():  # warm up (and compile)
-        time_block(call, z, mask, target, 5)
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
-    order = list(calls)
-    for block in range(args.blocks):
-        for name in order if block % 2 == 0 else order[::-1]:  # alternate which runs first
-            results[name] += time_block(calls[name], z, mask, target, args.runs)
+    results = interleave(calls, z, mask, target, args.blocks, args.runs)
     mode = (f"compile({args.backend})" if args.compile else "eager") \
         + (", MC masks shared by the batch" if args.shared_masks else "")
     print(f"B={args.batch} M={args.modalities} d={args.dim} K={args.classes} T={args.passes} {mode} "
@@ -164,6 +220,8 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile")
     ap.add_argument("--shared-masks", action="store_true",
                     help="MC-dropout masks shared by the batch in training (mc_dropout.per_sample_masks: false)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="instead: DMS with no scorer, then each scorer added in turn, against mean")
     ap.add_argument("--memory", action="store_true", help="also measure memory at --mem-batch, --mem-modalities")
     ap.add_argument("--mem-batch", type=int, default=4096)
     ap.add_argument("--mem-modalities", type=int, default=8)
@@ -172,6 +230,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
+        return
+    if args.ablate:
+        bench_ablate(args)
         return
     bench_time(args)
     if args.memory:
