@@ -18,6 +18,7 @@ dms / mean ratios.
     .venv/bin/python bench/dms_layer.py --shared-masks  # MC-dropout masks shared by the batch
     .venv/bin/python bench/dms_layer.py --memory        # time, then memory at B=4096, M=8
     .venv/bin/python bench/dms_layer.py --ablate        # each scorer's share: added one at a time
+    .venv/bin/python bench/dms_layer.py --compile-ab    # eager vs inductor's defaults vs runtime.compile's options
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit import build
+from fusionkit.training.trainer import compile_options
 
 
 def make_layers(batch: int, modalities: int, dim: int, classes: int, passes: int, seed: int = 0,
@@ -134,12 +136,37 @@ def bench_ablate(args) -> None:
               f"{statistics.median(draws) * 1e3:.3f} ms")
 
 
+def bench_compile_ab(args) -> None:
+    """Eager, compiled with inductor's defaults, and compiled as ``runtime.compile`` does it on the
+    CPU (``compile_options``), for both layers, interleaved in one process."""
+    calls = {}
+    for mode in ("eager", "inductor defaults", "as runtime.compile"):
+        layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes,
+                                              per_sample_masks=not args.shared_masks)
+        options = compile_options("inductor", torch.device("cpu")) if mode == "as runtime.compile" else None
+        for name, layer in layers.items():
+            calls[f"{name}, {mode}"] = layer if mode == "eager" else \
+                torch.compile(layer, dynamic=False, **({"options": options} if options else {}))
+    results = interleave(calls, z, mask, target, args.blocks, args.runs)
+    print(f"B={args.batch} M={args.modalities} d={args.dim} K={args.classes} T={args.passes}, "
+          f"threads={torch.get_num_threads()}, thread CPU time of {len(results['mean, eager'])} runs per layer; "
+          f"runtime.compile's options on the CPU: {compile_options('inductor', torch.device('cpu'))}")
+    lo = {k: min(t[1] for t in v) * 1e3 for k, v in results.items()}
+    med = {k: statistics.median(t[1] for t in v) * 1e3 for k, v in results.items()}
+    for mode in ("eager", "inductor defaults", "as runtime.compile"):
+        d, m = f"dms, {mode}", f"mean, {mode}"
+        print(f"{mode:>19}: mean {lo[m]:.3f} / {med[m]:.3f} ms, dms {lo[d]:.3f} / {med[d]:.3f} ms (min / median), "
+              f"dms/mean {lo[d] / lo[m]:.2f} / {med[d] / med[m]:.2f}")
+
+
 def bench_time(args) -> None:
     layers, z, mask, target = make_layers(args.batch, args.modalities, args.dim, args.classes, args.passes,
                                           per_sample_masks=not args.shared_masks)
     calls = dict(layers)
     if args.compile:
-        calls = {k: torch.compile(v, backend=args.backend) for k, v in layers.items()}
+        options = compile_options(args.backend, torch.device("cpu"))  # as runtime.compile sets them
+        calls = {k: torch.compile(v, backend=args.backend, **({"options": options} if options else {}))
+                 for k, v in layers.items()}
     results = interleave(calls, z, mask, target, args.blocks, args.runs)
     mode = (f"compile({args.backend})" if args.compile else "eager") \
         + (", MC masks shared by the batch" if args.shared_masks else "")
@@ -220,6 +247,8 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile")
     ap.add_argument("--shared-masks", action="store_true",
                     help="MC-dropout masks shared by the batch in training (mc_dropout.per_sample_masks: false)")
+    ap.add_argument("--compile-ab", action="store_true",
+                    help="instead: both layers eager, compiled with inductor's defaults and as runtime.compile does it")
     ap.add_argument("--ablate", action="store_true",
                     help="instead: DMS with no scorer, then each scorer added in turn, against mean")
     ap.add_argument("--memory", action="store_true", help="also measure memory at --mem-batch, --mem-modalities")
@@ -233,6 +262,9 @@ def main() -> None:
         return
     if args.ablate:
         bench_ablate(args)
+        return
+    if args.compile_ab:
+        bench_compile_ab(args)
         return
     bench_time(args)
     if args.memory:

@@ -21,20 +21,20 @@ import time
 import torch
 
 from fusionkit.config import apply_override, read_yaml, resolve
-from fusionkit.training.trainer import load_data, make_loader, make_optimizer, seed_and_build
+from fusionkit.training.trainer import compile_fusion, load_data, make_loader, make_optimizer, seed_and_build
 
 from trainer_overhead import REPO
 
 
-def build(fusion: str, overrides: list[str], compile_fusion: bool = False):
+def build(fusion: str, overrides: list[str], compiled: bool = False):
     raw = read_yaml(REPO / "configs/presets/digits-views.yaml")
     for item in ["runtime.accelerator=cpu", "runtime.threads=1", f"model.fusion={{name: {fusion}}}", *overrides]:
         apply_override(raw, item)
     cfg = resolve(raw)
     bundle = load_data(cfg)
     model = seed_and_build(cfg, bundle).train()
-    if compile_fusion:  # as runtime.compile does it
-        model.fusion.compile(backend="inductor", dynamic=False)
+    if compiled:  # runtime.compile's own call (inductor, on the CPU)
+        compile_fusion(model, cfg, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     return cfg, model, params, make_optimizer(cfg, params), list(make_loader(model, bundle.splits["train"], cfg, True))
 

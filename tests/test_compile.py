@@ -40,4 +40,34 @@ def test_compile_is_refused_for_retrieval():
         decoder = type("D", (), {"retrieval": True})()
 
     with pytest.raises(ConfigError, match="runtime.compile: the retrieval decoder"):
-        compile_fusion(Stub(), None)
+        compile_fusion(Stub(), None, None)
+
+
+def test_inductor_on_the_cpu_uses_pytorchs_random_kernels():
+    """runtime.compile on the CPU passes fallback_random to inductor (its own per-element random
+    numbers cost more than the ops); on CUDA and with other backends the defaults stay."""
+    import torch
+
+    from fusionkit.training.trainer import compile_fusion, compile_options
+
+    assert compile_options("inductor", torch.device("cpu")) == {"fallback_random": True}
+    assert compile_options("inductor", torch.device("cuda", 0)) is None
+    assert compile_options("aot_eager", torch.device("cpu")) is None
+
+    calls = []
+
+    class Fusion:
+        def compile(self, **kwargs):
+            calls.append(kwargs)
+
+    class Model:
+        decoder = object()
+        fusion = Fusion()
+
+    class Cfg:
+        runtime = type("R", (), {"compile_backend": "inductor"})()
+
+    compile_fusion(Model(), Cfg(), torch.device("cpu"))
+    compile_fusion(Model(), Cfg(), torch.device("cuda", 0))
+    assert calls == [{"backend": "inductor", "dynamic": False, "options": {"fallback_random": True}},
+                     {"backend": "inductor", "dynamic": False}]

@@ -221,16 +221,30 @@ def use_feature_cache(model: MultimodalModel, cfg: RunConfig, bundle: DatasetBun
     return stats
 
 
-def compile_fusion(model: MultimodalModel, cfg: RunConfig) -> None:
-    """``torch.compile`` the fusion layer in place (``runtime.compile``): its parameters and
-    checkpoint keys stay as they are. The retrieval decoder re-maps the probes every batch, which
-    would recompile every batch, so it is refused."""
+def compile_options(backend: str, device: torch.device) -> dict[str, Any] | None:
+    """The inductor options ``runtime.compile`` uses on ``device`` (None: the backend's defaults).
+
+    On the CPU, inductor's own random numbers (dropout, the MC-dropout masks' bytes) are computed
+    element by element in its generated C++ and cost more than the ops themselves: at the six digit
+    views' size the compiled DMS layer took 2.6 ms per forward+backward with them and 2.0 ms with
+    ``fallback_random`` (PyTorch's own random kernels, called from the compiled graph), and mean's
+    1.8 and 1.5 ms (``bench/dms_layer.py --compile-ab``). On a GPU inductor's fused random numbers
+    are the fast path, so nothing is changed there."""
+    return {"fallback_random": True} if backend == "inductor" and device.type == "cpu" else None
+
+
+def compile_fusion(model: MultimodalModel, cfg: RunConfig, device: torch.device) -> None:
+    """``torch.compile`` the fusion layer in place (``runtime.compile``) for a run on ``device``:
+    its parameters and checkpoint keys stay as they are. The retrieval decoder re-maps the probes
+    every batch, which would recompile every batch, so it is refused."""
     if getattr(model.decoder, "retrieval", False):
         raise ConfigError("runtime.compile: the retrieval decoder maps the probes anew every batch, which "
                           "would recompile every batch; leave runtime.compile off for retrieval")
+    backend = cfg.runtime.compile_backend
+    options = compile_options(backend, device)
     # static shapes (each batch size its own specialised graph, and CUDA graphs possible): the
     # last, smaller batch compiles once more
-    model.fusion.compile(backend=cfg.runtime.compile_backend, dynamic=False)
+    model.fusion.compile(backend=backend, dynamic=False, **({"options": options} if options else {}))
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -385,7 +399,7 @@ def _train(cfg: RunConfig, run_dir: Path, fabric, console: Console, show_progres
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     if cfg.runtime.compile:
-        compile_fusion(model, cfg)
+        compile_fusion(model, cfg, fabric.device)
     fmodel, optimizer = fabric.setup(model, optimizer)
     # on the CPU the batches are where the model is: Fabric's walk through every batch is skipped
     train_loader, val_loader, test_loader = fabric.setup_dataloaders(
