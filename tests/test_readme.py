@@ -18,9 +18,12 @@ def test_readme_example_is_the_example_file_and_runs():
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "embed_dms.py")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = re.findall(r"\[(0\.\d+), (0\.\d+)\]", proc.stdout)
-    assert len(rows) == 8
-    assert all(abs(float(a) + float(b) - 1.0) < 2e-4 for a, b in rows)
+    # torch prints in scientific notation when a weight is tiny (the example draws a random model)
+    number = r"(\d\.\d*(?:e[+-]\d+)?)"
+    rows = re.findall(rf"\[\s*{number},\s*{number}\]", proc.stdout)
+    assert len(rows) == 8, proc.stdout
+    assert all(0 <= float(a) <= 1 and 0 <= float(b) <= 1 for a, b in rows)
+    assert all(abs(float(a) + float(b) - 1.0) < 2e-4 for a, b in rows), proc.stdout
 
 
 def test_readme_opens_with_the_two_commands():
