@@ -145,8 +145,7 @@ def bench_compile_ab(args) -> None:
                                               per_sample_masks=not args.shared_masks)
         options = compile_options("inductor", torch.device("cpu")) if mode == "as runtime.compile" else None
         for name, layer in layers.items():
-            calls[f"{name}, {mode}"] = layer if mode == "eager" else \
-                torch.compile(layer, dynamic=False, **({"options": options} if options else {}))
+            calls[f"{name}, {mode}"] = layer if mode == "eager" else torch.compile(layer, dynamic=False, options=options)
     results = interleave(calls, z, mask, target, args.blocks, args.runs)
     print(f"B={args.batch} M={args.modalities} d={args.dim} K={args.classes} T={args.passes}, "
           f"threads={torch.get_num_threads()}, thread CPU time of {len(results['mean, eager'])} runs per layer; "
@@ -165,8 +164,7 @@ def bench_time(args) -> None:
     calls = dict(layers)
     if args.compile:
         options = compile_options(args.backend, torch.device("cpu"))  # as runtime.compile sets them
-        calls = {k: torch.compile(v, backend=args.backend, **({"options": options} if options else {}))
-                 for k, v in layers.items()}
+        calls = {k: torch.compile(v, backend=args.backend, options=options) for k, v in layers.items()}
     results = interleave(calls, z, mask, target, args.blocks, args.runs)
     mode = (f"compile({args.backend})" if args.compile else "eager") \
         + (", MC masks shared by the batch" if args.shared_masks else "")

@@ -70,4 +70,4 @@ def test_inductor_on_the_cpu_uses_pytorchs_random_kernels():
     compile_fusion(Model(), Cfg(), torch.device("cpu"))
     compile_fusion(Model(), Cfg(), torch.device("cuda", 0))
     assert calls == [{"backend": "inductor", "dynamic": False, "options": {"fallback_random": True}},
-                     {"backend": "inductor", "dynamic": False}]
+                     {"backend": "inductor", "dynamic": False, "options": None}]

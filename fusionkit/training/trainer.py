@@ -241,10 +241,9 @@ def compile_fusion(model: MultimodalModel, cfg: RunConfig, device: torch.device)
         raise ConfigError("runtime.compile: the retrieval decoder maps the probes anew every batch, which "
                           "would recompile every batch; leave runtime.compile off for retrieval")
     backend = cfg.runtime.compile_backend
-    options = compile_options(backend, device)
     # static shapes (each batch size its own specialised graph, and CUDA graphs possible): the
     # last, smaller batch compiles once more
-    model.fusion.compile(backend=backend, dynamic=False, **({"options": options} if options else {}))
+    model.fusion.compile(backend=backend, dynamic=False, options=compile_options(backend, device))
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
